@@ -1,0 +1,9 @@
+"""`raycurv evaluate` (being written)."""
+
+
+def add_arguments(parser):
+    pass
+
+
+def run(args):
+    raise NotImplementedError
