@@ -1,0 +1,156 @@
+"""Curvature actors: each owns a contiguous shard of sample positions and scores it on every
+epoch's model while training goes on. Per-epoch values are kept, so scoring an epoch twice counts
+it once, and persisted after every epoch, so a restarted actor resumes where it was.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from raycurv import storage
+from raycurv.curvature import curvature
+from raycurv.data.sharding import scoring_batches
+from raycurv.data.transforms import to_input
+from raycurv.models import build_model
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What a scorer needs besides its images: shapes, normalization and the estimator."""
+
+    index: int
+    start: int  # first position (inclusive) in the prepared dataset
+    stop: int  # last position (exclusive)
+    epochs: int
+    model: str
+    in_channels: int
+    num_classes: int
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    seed: int
+    h: float
+    probes: int
+    variant: str
+    batch_size: int
+    state_uri: str  # where this shard's state file lives (local path or pyarrow URI)
+
+
+class ShardScorer:
+    """Scores one shard (plain Python: the actor below wraps it; tests use it directly).
+
+    State: per-epoch curvature and training loss, (epochs, n) float32, NaN where not yet scored,
+    and the loss, prediction and confidence of the latest scored epoch's model.
+    """
+
+    def __init__(self, spec: ShardSpec, images: np.ndarray, labels: np.ndarray,
+                 sample_ids: np.ndarray, *, device: str = "cpu"):
+        self.spec, self.device = spec, torch.device(device)
+        self.images, self.labels, self.sample_ids = images, labels, sample_ids
+        n = spec.stop - spec.start
+        self.curvature = np.full((spec.epochs, n), np.nan, dtype=np.float32)
+        self.train_loss = np.full((spec.epochs, n), np.nan, dtype=np.float32)
+        self.final = {"epoch": -1, "loss": np.full(n, np.nan, np.float32),
+                      "pred": np.full(n, -1, np.int32), "confidence": np.full(n, np.nan, np.float32)}
+        self.model = build_model(spec.model, in_channels=spec.in_channels,
+                                 num_classes=spec.num_classes).to(self.device)
+        self._load()
+
+    @property
+    def scored_epochs(self) -> list[int]:
+        return [int(e) for e in np.flatnonzero(~np.isnan(self.curvature).any(axis=1))]
+
+    def score_epoch(self, epoch: int, weights: dict[str, torch.Tensor],
+                    train_loss: np.ndarray) -> dict[str, Any]:
+        """Score the shard on ``weights`` (the model after ``epoch``); record this shard's slice of
+        ``train_loss`` (N,), the epoch's per-sample training loss. Idempotent per epoch."""
+        started = time.perf_counter()
+        if epoch in self.scored_epochs:
+            return {"shard": self.spec.index, "epoch": epoch, "samples": 0, "seconds": 0.0}
+        self.model.load_state_dict(weights)
+        s = self.spec
+        for a, b in scoring_batches(s.start, s.stop, s.batch_size):
+            lo, hi = a - s.start, b - s.start
+            x = to_input(self.images[lo:hi], scale=s.scale, mean=s.mean, std=s.std, device=self.device)
+            y = torch.as_tensor(self.labels[lo:hi], device=self.device)
+            ids = torch.as_tensor(self.sample_ids[lo:hi], device=self.device)
+            out = curvature(self.model, x, y, sample_ids=ids, epoch=epoch, seed=s.seed, h=s.h,
+                            probes=s.probes, variant=s.variant)
+            self.curvature[epoch, lo:hi] = out.curvature.cpu().numpy()
+            if epoch >= self.final["epoch"]:
+                self.final["loss"][lo:hi] = out.loss.cpu().numpy()
+                self.final["pred"][lo:hi] = out.pred.cpu().numpy()
+                self.final["confidence"][lo:hi] = out.confidence.cpu().numpy()
+        self.final["epoch"] = max(self.final["epoch"], epoch)
+        self.train_loss[epoch] = train_loss[s.start:s.stop]
+        self._save()
+        return {"shard": s.index, "epoch": epoch, "samples": s.stop - s.start,
+                "seconds": time.perf_counter() - started}
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays for the merge: positions are start + arange(n)."""
+        return {"start": np.int64(self.spec.start), "curvature": self.curvature,
+                "train_loss": self.train_loss, "final_epoch": np.int64(self.final["epoch"]),
+                "final_loss": self.final["loss"], "final_pred": self.final["pred"],
+                "final_confidence": self.final["confidence"]}
+
+    def _save(self) -> None:
+        storage.write_npz(self.spec.state_uri, self.state())
+
+    def _load(self) -> None:
+        saved = storage.read_npz(self.spec.state_uri)
+        if saved is None or saved["curvature"].shape != self.curvature.shape:
+            return
+        self.curvature, self.train_loss = saved["curvature"], saved["train_loss"]
+        self.final = {"epoch": int(saved["final_epoch"]), "loss": saved["final_loss"],
+                      "pred": saved["final_pred"], "confidence": saved["final_confidence"]}
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class CurvatureActor:
+    """A ShardScorer in its own process; restarts reload the shard's state from storage."""
+
+    def __init__(self, spec: ShardSpec, shard: dict[str, np.ndarray]):
+        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.scorer = ShardScorer(spec, shard["images"], shard["labels"], shard["sample_ids"],
+                                  device=device)
+
+    def score_epoch(self, epoch: int, weights: dict, train_loss: np.ndarray) -> dict[str, Any]:
+        return self.scorer.score_epoch(epoch, weights, train_loss)
+
+    def scored_epochs(self) -> list[int]:
+        return self.scorer.scored_epochs
+
+    def state(self) -> dict[str, np.ndarray]:
+        return self.scorer.state()
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+@dataclass
+class CurvaturePool:
+    """Handles to the shard actors; picklable, so training workers can feed them."""
+
+    actors: list[Any]
+    max_lag: int
+
+    def submit(self, epoch: int, weights_ref: ray.ObjectRef, train_loss: np.ndarray) -> list[ray.ObjectRef]:
+        """Hand epoch ``epoch``'s weights (one object-store reference) to every actor; no waiting."""
+        loss_ref = ray.put(train_loss)
+        return [actor.score_epoch.remote(epoch, weights_ref, loss_ref) for actor in self.actors]
+
+    def states(self) -> list[dict[str, np.ndarray]]:
+        return ray.get([actor.state.remote() for actor in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)

@@ -1,0 +1,70 @@
+"""Flag helpers shared by the verbs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+# flag -> (spec section or None for the top level, field, argparse kwargs)
+SPEC_FLAGS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
+    "--dataset": ("data", "dataset", {"help": "digits (default), fashion-mnist, mnist, cifar10, "
+                                              "cifar100, imagefolder, parquet"}),
+    "--data-root": ("data", "data_root", {"help": "folder (or Parquet file) holding the data"}),
+    "--download": ("data", "download", {"action": "store_const", "const": True,
+                                        "help": "download CIFAR when missing (never by default)"}),
+    "--limit": ("data", "limit", {"type": int, "help": "keep a seeded subset of N samples"}),
+    "--noise": ("data", "noise", {"type": float, "help": "label-noise rate in [0, 1)"}),
+    "--noise-kind": ("data", "noise_kind", {"help": "symmetric (default) or pairwise"}),
+    "--duplicates": ("data", "duplicates", {"type": int,
+                                            "help": "append M copies of images with a conflicting label"}),
+    "--augment": ("data", "augment", {"action": argparse.BooleanOptionalAction,
+                                      "help": "random crop + flip in training (default: per dataset)"}),
+    "--image-column": ("data", "image_column", {"help": "parquet source: image column"}),
+    "--label-column": ("data", "label_column", {"help": "parquet source: label column"}),
+    "--seed": (None, "seed", {"type": int}),
+    "--name": (None, "name", {"help": "run name (default: the run folder's name)"}),
+    "--run-dir": (None, "run_dir", {"help": "run folder: a path or a pyarrow URI (s3://, gs://)"}),
+    "--model": ("train", "model", {"help": "small_cnn (default), resnet18_cifar, resnet18, resnet50"}),
+    "--epochs": ("train", "epochs", {"type": int}),
+    "--batch-size": ("train", "batch_size", {"type": int, "help": "training batch per worker"}),
+    "--lr": ("train", "lr", {"type": float}),
+    "--momentum": ("train", "momentum", {"type": float}),
+    "--weight-decay": ("train", "weight_decay", {"type": float}),
+    "--schedule": ("train", "schedule", {"help": "cosine (default), step or constant"}),
+    "--workers": ("train", "workers", {"type": int, "help": "data-parallel training workers"}),
+    "--gpus-per-worker": ("train", "gpus_per_worker", {"type": float}),
+    "--cpus-per-worker": ("train", "cpus_per_worker", {"type": float}),
+    "--max-failures": ("train", "max_failures", {"type": int,
+                                                 "help": "worker failures to recover from"}),
+    "--h": ("curvature", "h", {"type": float, "help": "perturbation size (default 1e-3)"}),
+    "--probes": ("curvature", "probes", {"type": int, "help": "Rademacher probes n (default 10)"}),
+    "--variant": ("curvature", "variant", {"help": "norm (default) or trace"}),
+    "--score-batch-size": ("curvature", "batch_size", {"type": int}),
+    "--actors": ("curvature", "actors", {"type": int, "help": "curvature actors (shards)"}),
+    "--actor-cpus": ("curvature", "actor_cpus", {"type": float}),
+    "--actor-gpus": ("curvature", "actor_gpus", {"type": float}),
+    "--max-lag": ("curvature", "max_lag", {"type": int,
+                                           "help": "epochs in flight before training waits"}),
+}
+
+
+def add_spec_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+    for flag, (_, field, kwargs) in SPEC_FLAGS.items():
+        if flag not in skip:
+            parser.add_argument(flag, dest=f"spec__{field}__{flag}", default=None, **kwargs)
+
+
+def spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The spec fields the user set on the command line, as a nested dict."""
+    out: dict[str, Any] = {}
+    for flag, (section, field, _) in SPEC_FLAGS.items():
+        value = getattr(args, f"spec__{field}__{flag}", None)
+        if value is None:
+            continue
+        (out.setdefault(section, {}) if section else out)[field] = value
+    return out
+
+
+def add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="an existing Ray cluster (default: start a local one)")

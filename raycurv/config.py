@@ -1,0 +1,116 @@
+"""Typed run specs: the one home of raycurv's defaults. Loaded from flags or a YAML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from raycurv.errors import UsageError
+
+NoiseKind = Literal["symmetric", "pairwise"]
+Variant = Literal["norm", "trace"]
+Schedule = Literal["cosine", "step", "constant"]
+
+
+class DataSpec(BaseModel):
+    """Which samples, and what label noise or duplicates to inject (seeded)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    limit: int | None = Field(default=None, ge=1)
+    noise: float = Field(default=0.0, ge=0.0, lt=1.0)
+    noise_kind: NoiseKind = "symmetric"
+    duplicates: int = Field(default=0, ge=0)
+    augment: bool | None = None  # None: the dataset's own default
+    image_column: str = "image"
+    label_column: str = "label"
+
+
+class TrainSpec(BaseModel):
+    """SGD with momentum and weight decay; a cosine, step or constant learning-rate schedule."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "small_cnn"
+    epochs: int = Field(default=15, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=0.05, gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=5e-4, ge=0.0)
+    schedule: Schedule = "cosine"
+    workers: int = Field(default=1, ge=1)
+    gpus_per_worker: float = Field(default=0.0, ge=0.0)
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    max_failures: int = Field(default=3, ge=0)
+
+
+class CurvatureSpec(BaseModel):
+    """The estimator: h (perturbation size), n probes, variant; see raycurv.curvature."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    h: float = Field(default=1e-3, gt=0.0)
+    probes: int = Field(default=10, ge=1)
+    variant: Variant = "norm"
+    batch_size: int = Field(default=256, ge=1)
+    actors: int = Field(default=1, ge=1)
+    actor_cpus: float = Field(default=0.5, gt=0.0)
+    actor_gpus: float = Field(default=0.0, ge=0.0)
+    max_lag: int = Field(default=2, ge=1)
+
+
+class ScoreSpec(BaseModel):
+    """Everything a scoring run needs; `run.json` in the run folder is this, resolved."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    seed: int = 0
+    run_dir: str = "runs/digits"
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    curvature: CurvatureSpec = Field(default_factory=CurvatureSpec)
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("run_dir must not be empty")
+        return value
+
+    @property
+    def run_name(self) -> str:
+        return self.name or Path(self.run_dir).name
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing or malformed file is a UsageError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    return data
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict merge: values in ``overrides`` win; sub-mappings merge key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,177 @@
+"""Input-loss curvature, the memorization score (Garg, Ravikumar & Roy, ICML 2024). Pure torch.
+
+For a sample (x, y) and a model f in eval mode:
+
+    l(x)   = cross_entropy(f(x), y)              per sample, never a batch mean
+    g(x)   = dl/dx                               gradient with respect to the input only
+    d_j    = g(x + h v_j) - g(x)                 v_j: Rademacher probes (+1/-1 per input element)
+    norm:  c(x) = (1/n) sum_j ||d_j||_2          the authors' released estimator
+    trace: c(x) = (1/n) sum_j ||d_j||_2^2 / h^2  finite-difference Tr(H^2) = E||H v||^2
+
+Higher curvature = the loss bends more sharply around the sample = more memorized. g(x) is
+computed once per call, the n perturbed gradients in as few passes as memory allows, and a
+sample's probes depend on (seed, epoch, sample_id, probe index) alone, so its score does not
+depend on the batch it was scored in (up to the float rounding of differently shaped kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for 0 <= x < 2^32, in int64 without overflow (split c in 16-bit halves)."""
+    hi, lo = c >> 16, c & 0xFFFF
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer mixer (xor-shift-multiply), on int64 tensors holding uint32."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def rademacher_probes(*, seed: int, epoch: int, sample_ids: torch.Tensor, probe_indices: torch.Tensor,
+                      shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """+1/-1 probes, a pure function of (seed, epoch, sample_id, probe index, element index).
+
+    sample_ids: (B,) int64; probe_indices: (k,) int64. Returns (k, B, *shape) of ``dtype`` on the
+    device of ``sample_ids``. A counter-based hash: each 32-bit hash word yields 32 signs.
+    """
+    device = sample_ids.device
+    numel = 1
+    for size in shape:
+        numel *= size
+    scalar = torch.tensor([seed & _M32, (seed >> 32) & _M32, epoch & _M32], device=device)
+    key = _mix32(_mix32(scalar[0] ^ _mix32(scalar[1] + 0x3C6EF372)) ^ scalar[2])  # ()
+    sid = sample_ids.to(torch.int64)
+    key = _mix32(key ^ (sid & _M32))
+    key = _mix32(key ^ ((sid >> 32) & _M32))  # (B,)
+    key = _mix32(key[None, :] ^ _mix32(probe_indices.to(device, torch.int64)[:, None] + 0x9E3779B9))
+    words = torch.arange((numel + 31) // 32, device=device, dtype=torch.int64)
+    words = _mix32(key[..., None] ^ _mix32(words + 0x632BE5AB))  # (k, B, W)
+    bits = (words[..., None] >> torch.arange(32, device=device)) & 1  # (k, B, W, 32)
+    bits = bits.flatten(start_dim=2)[..., :numel]
+    signs = (1 - 2 * bits).to(dtype)
+    return signs.reshape(*signs.shape[:2], *shape)
+
+
+@dataclass
+class CurvatureResult:
+    """Per-sample outputs of one scoring pass, each (B,)."""
+
+    curvature: torch.Tensor  # float: higher = more memorized
+    loss: torch.Tensor  # float: cross-entropy on the given label, unperturbed input
+    pred: torch.Tensor  # int64: argmax class
+    confidence: torch.Tensor  # float: softmax probability of the given label
+
+
+def _reduce_norm(diff: torch.Tensor, h: float) -> torch.Tensor:
+    return diff.norm(dim=-1)
+
+
+def _reduce_trace(diff: torch.Tensor, h: float) -> torch.Tensor:
+    return diff.pow(2).sum(dim=-1) / (h * h)
+
+
+# variant -> per-probe term from d_j = g(x + h v_j) - g(x), shape (k, B, D) -> (k, B)
+VARIANTS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "norm": _reduce_norm,
+    "trace": _reduce_trace,
+}
+
+
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (running batch-norm statistics, no dropout) and no parameter gradients, restored
+    afterwards: scoring differentiates with respect to the input only."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample loss (B,), its gradient with respect to x (B, ...), and the logits (B, C).
+
+    The loss is summed, not averaged: in eval mode samples do not interact, so the gradient of
+    the sum is each sample's own gradient, independent of the batch.
+    """
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    return loss.detach(), grad, logits.detach()
+
+
+def default_probe_chunk(batch: int, probes: int, *, max_pass: int = 512) -> int:
+    """How many probes go into one forward/backward pass: as many as keep a pass at most
+    ``max_pass`` samples (the memory cap), at least one."""
+    return max(1, min(probes, max_pass // max(batch, 1)))
+
+
+def _curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, *,
+               epoch: int, seed: int, h: float, probes: int, variant: str,
+               probe_chunk: int) -> CurvatureResult:
+    reduce = VARIANTS[variant]
+    batch, shape = x.shape[0], tuple(x.shape[1:])
+    loss, g0, logits = input_gradient(model, x, y)
+    g0 = g0.reshape(1, batch, -1)
+    total = torch.zeros(batch, dtype=g0.dtype, device=x.device)
+    for start in range(0, probes, probe_chunk):
+        idx = torch.arange(start, min(start + probe_chunk, probes), device=x.device)
+        v = rademacher_probes(seed=seed, epoch=epoch, sample_ids=sample_ids, probe_indices=idx,
+                              shape=shape, dtype=x.dtype)  # (k, B, *shape)
+        xs = (x.detach()[None] + h * v).reshape(len(idx) * batch, *shape)
+        _, g, _ = input_gradient(model, xs, y.repeat(len(idx)))
+        total += reduce(g.reshape(len(idx), batch, -1) - g0, h).sum(dim=0)
+    probs = logits.softmax(dim=1)
+    return CurvatureResult(
+        curvature=total / probes,
+        loss=loss,
+        pred=logits.argmax(dim=1),
+        confidence=probs.gather(1, y[:, None]).squeeze(1),
+    )
+
+
+def curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sample_ids: torch.Tensor,
+              epoch: int, seed: int = 0, h: float = 1e-3, probes: int = 10, variant: str = "norm",
+              probe_chunk: int | None = None) -> CurvatureResult:
+    """Score a batch: x (B, C, H, W) normalized, unaugmented inputs; y (B,) labels the model was
+    trained on; sample_ids (B,) int64. Runs ``model`` in eval mode without parameter gradients
+    and restores its state. Returns per-sample curvature (higher = more memorized) and the loss,
+    prediction and confidence of the unperturbed input.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    if not h > 0:
+        raise ValueError(f"h must be > 0, got {h}")
+    if probes < 1:
+        raise ValueError(f"probes must be >= 1, got {probes}")
+    if x.ndim < 2 or y.shape != (x.shape[0],) or sample_ids.shape != (x.shape[0],):
+        raise ValueError(f"need x (B, ...), y (B,), sample_ids (B,); got {tuple(x.shape)}, "
+                         f"{tuple(y.shape)}, {tuple(sample_ids.shape)}")
+    chunk = probe_chunk or default_probe_chunk(x.shape[0], probes)
+    with scoring_mode(model):
+        return _curvature(model, x, y.long(), sample_ids.to(x.device), epoch=epoch, seed=seed,
+                          h=h, probes=probes, variant=variant, probe_chunk=chunk)

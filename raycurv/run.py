@@ -1,0 +1,213 @@
+"""A scoring run, end to end: dataset -> curvature pool -> TorchTrainer -> score table.
+
+See DESIGN.md "Data flow of a scoring run". Everything the user can get wrong is checked before
+the run folder is touched, so bad input never leaves a partial folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+import raycurv
+from raycurv import storage
+from raycurv.config import ScoreSpec
+from raycurv.data import Prepared, prepare_dataset
+from raycurv.data.sharding import actor_shards
+from raycurv.errors import UsageError
+from raycurv.evaluate import evaluate_table
+from raycurv.models import MODELS
+from raycurv.table import BY_EPOCH_FILE, BY_EPOCH_SCHEMA, SCORES_FILE, build_table
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    table: pa.Table
+    metrics: dict[str, Any]  # detection metrics (raycurv.evaluate)
+    train: dict[str, Any]  # last epoch's training metrics
+    seconds: float
+
+
+def _spec_record(spec: ScoreSpec, data: Prepared) -> dict[str, Any]:
+    return {"spec": spec.model_dump(mode="json"), "dataset_fingerprint": data.fingerprint,
+            "samples": len(data), "raycurv_version": raycurv.__version__}
+
+
+def check_run_dir(spec: ScoreSpec, data: Prepared) -> bool:
+    """True if ``run_dir`` holds this same run (resume it); False if it is new or empty.
+    A folder holding another run (other data or settings) is refused, never overwritten."""
+    saved = storage.read_bytes(storage.join(spec.run_dir, RUN_FILE))
+    if saved is None:
+        if storage.exists(storage.join(spec.run_dir, SCORES_FILE)):
+            raise UsageError(f"{spec.run_dir} holds a score table but no {RUN_FILE}; "
+                             "choose another --run-dir")
+        return False
+    try:
+        record = json.loads(saved)
+    except json.JSONDecodeError:
+        raise UsageError(f"{spec.run_dir}/{RUN_FILE} is not JSON; choose another --run-dir") from None
+    if record.get("dataset_fingerprint") != data.fingerprint:
+        raise UsageError(f"{spec.run_dir} holds a run on other data ({record['spec']['data']['dataset']}, "
+                         f"fingerprint {record.get('dataset_fingerprint')}); choose another --run-dir")
+    mine = _spec_record(spec, data)["spec"]
+    if record.get("spec") != mine:
+        changed = sorted(k for k in mine if record.get("spec", {}).get(k) != mine[k])
+        raise UsageError(f"{spec.run_dir} holds a run with other settings ({', '.join(changed)}); "
+                         "choose another --run-dir")
+    return True
+
+
+def validate_spec(spec: ScoreSpec) -> Prepared:
+    """All checks that need no cluster; returns the prepared dataset."""
+    if spec.train.model not in MODELS:
+        raise UsageError(f"unknown model {spec.train.model!r}; valid: {', '.join(MODELS)}")
+    data = prepare_dataset(spec.data, seed=spec.seed)
+    min_side = min(data.input_shape[1:])
+    if spec.train.model == "small_cnn" and min_side < 4:
+        raise UsageError(f"small_cnn needs images of at least 4x4, got {data.input_shape[1:]}")
+    actor_shards(len(data), spec.curvature.actors, spec.curvature.batch_size)
+    return data
+
+
+def _dataset_payload(data: Prepared) -> dict[str, Any]:
+    return {"images": data.images, "labels": data.labels, "scale": data.scale, "mean": data.mean,
+            "std": data.std, "augment": data.augment, "flip": data.flip,
+            "num_classes": data.num_classes}
+
+
+def start_pool(spec: ScoreSpec, data: Prepared):
+    """Create the curvature actors, each with only its shard's images in the object store."""
+    import ray
+
+    from raycurv.actors import CurvatureActor, CurvaturePool, ShardSpec
+
+    c = spec.curvature
+    actors = []
+    for index, (start, stop) in enumerate(actor_shards(len(data), c.actors, c.batch_size)):
+        shard_spec = ShardSpec(
+            index=index, start=start, stop=stop, epochs=spec.train.epochs, model=spec.train.model,
+            in_channels=data.input_shape[0], num_classes=data.num_classes, scale=data.scale,
+            mean=data.mean, std=data.std, seed=spec.seed, h=c.h, probes=c.probes,
+            variant=c.variant, batch_size=c.batch_size,
+            state_uri=storage.join(spec.run_dir, "shards", f"shard-{index:04d}.npz"))
+        shard = ray.put({"images": data.images[start:stop], "labels": data.labels[start:stop],
+                         "sample_ids": data.sample_ids[start:stop]})
+        actors.append(CurvatureActor.options(num_cpus=c.actor_cpus, num_gpus=c.actor_gpus)
+                      .remote(shard_spec, shard))
+    return CurvaturePool(actors=actors, max_lag=c.max_lag)
+
+
+def fit(spec: ScoreSpec, data: Prepared, pool, *, extra_config: dict[str, Any] | None = None):
+    """Run the TorchTrainer; returns Ray Train's Result."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raycurv.train import train_loop_per_worker
+
+    t = spec.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})}
+    storage_path = spec.run_dir if storage.is_uri(spec.run_dir) else str(Path(spec.run_dir).absolute())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "data": ray.put(_dataset_payload(data)),
+                           "pool": pool, **(extra_config or {})},
+        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name="train", storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer.fit()
+
+
+def merge_states(states: list[dict[str, np.ndarray]], data: Prepared) -> dict[str, np.ndarray]:
+    """Per-shard actor states -> per-sample arrays (positions in dataset order) and the
+    (epochs, N) matrix of per-epoch curvature."""
+    ordered = sorted(states, key=lambda s: int(s["start"]))
+    by_epoch = np.concatenate([s["curvature"] for s in ordered], axis=1)
+    train_loss = np.concatenate([s["train_loss"] for s in ordered], axis=1)
+    scored = ~np.isnan(by_epoch)
+    if not scored.any(axis=0).all():
+        missing = int((~scored.any(axis=0)).sum())
+        raise RuntimeError(f"{missing} samples were never scored")
+    return {
+        "sample_id": data.sample_ids, "label": data.labels, "original_label": data.original_labels,
+        "corrupted": data.corrupted, "duplicate_of": data.duplicate_of,
+        "curvature": np.nanmean(by_epoch, axis=0),
+        "epochs_scored": scored.sum(axis=0),
+        "csl": np.nansum(train_loss, axis=0),
+        "final_loss": np.concatenate([s["final_loss"] for s in ordered]),
+        "final_confidence": np.concatenate([s["final_confidence"] for s in ordered]),
+        "final_pred": np.concatenate([s["final_pred"] for s in ordered]),
+        "_by_epoch": by_epoch,
+    }
+
+
+def table_metadata(spec: ScoreSpec, data: Prepared, epochs: list[int]) -> dict[str, Any]:
+    c = spec.curvature
+    return {
+        "raycurv_version": raycurv.__version__, "run": spec.run_name,
+        "dataset": data.name, "dataset_fingerprint": data.fingerprint, "n": len(data),
+        "classes": data.num_classes, "input_shape": list(data.input_shape),
+        "noise": {"rate": spec.data.noise, "kind": spec.data.noise_kind,
+                  "duplicates": spec.data.duplicates, "limit": spec.data.limit},
+        "model": spec.train.model, "variant": c.variant, "h": c.h, "probes": c.probes,
+        "epochs": epochs, "seed": spec.seed,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_run(spec: ScoreSpec, data: Prepared, merged: dict[str, np.ndarray]) -> pa.Table:
+    """Write scores.parquet and curvature_by_epoch.parquet, each atomically."""
+    import pyarrow.parquet as pq
+
+    by_epoch = merged.pop("_by_epoch")
+    epochs = [int(e) for e in np.flatnonzero(~np.isnan(by_epoch).all(axis=1))]
+    table = build_table(merged, table_metadata(spec, data, epochs))
+    long_epoch, long_pos = np.nonzero(~np.isnan(by_epoch))
+    per_epoch = pa.Table.from_arrays(
+        [pa.array(data.sample_ids[long_pos]), pa.array(long_epoch.astype(np.int32)),
+         pa.array(by_epoch[long_epoch, long_pos].astype(np.float32))], schema=BY_EPOCH_SCHEMA)
+    for name, tbl in ((BY_EPOCH_FILE, per_epoch), (SCORES_FILE, table)):
+        sink = pa.BufferOutputStream()
+        pq.write_table(tbl, sink)
+        storage.write_bytes(storage.join(spec.run_dir, name), sink.getvalue().to_pybytes())
+    return table
+
+
+def score_run(spec: ScoreSpec, *, address: str | None = None,
+              extra_config: dict[str, Any] | None = None) -> RunResult:
+    """Train and score; write the run folder; return the table and its detection metrics."""
+    from raycurv.cluster import check_resources, ensure_ray
+
+    started = time.perf_counter()
+    data = validate_spec(spec)
+    resuming = check_run_dir(spec, data)
+    t, c = spec.train, spec.curvature
+    cpus = t.workers * t.cpus_per_worker + c.actors * c.actor_cpus
+    ensure_ray(address, cpus_needed=cpus)
+    check_resources(cpus=cpus, gpus=t.workers * t.gpus_per_worker + c.actors * c.actor_gpus)
+    if not resuming:
+        storage.write_bytes(storage.join(spec.run_dir, RUN_FILE),
+                            json.dumps(_spec_record(spec, data), indent=2).encode())
+    pool = start_pool(spec, data)
+    try:
+        result = fit(spec, data, pool, extra_config=extra_config)
+        merged = merge_states(pool.states(), data)
+    finally:
+        pool.shutdown()
+    table = write_run(spec, data, merged)
+    return RunResult(run_dir=spec.run_dir, table=table, metrics=evaluate_table(table),
+                     train=dict(result.metrics or {}), seconds=time.perf_counter() - started)
+

@@ -1,0 +1,78 @@
+"""Run-folder storage: a local path or any URI pyarrow's filesystems understand (file://, s3://,
+gs://). Every file a reader might see is written atomically: a temp name then a rename locally,
+a single put on object stores."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+
+
+def is_uri(location: str) -> bool:
+    return "://" in str(location)
+
+
+def join(location: str, *parts: str) -> str:
+    if is_uri(location):
+        return "/".join([str(location).rstrip("/"), *parts])
+    return str(Path(location, *parts))
+
+
+def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(str(location))
+    return pafs.LocalFileSystem(), str(Path(location).absolute())
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write ``data`` so that readers see the old content or all of the new, never a part."""
+    if is_uri(location) and not str(location).startswith("file://"):
+        fs, path = _resolve(location)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as out:  # one put: object stores publish it whole
+            out.write(data)
+        return
+    _, path = _resolve(location)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_bytes(location: str) -> bytes | None:
+    """The file's content, or None if there is no such file."""
+    fs, path = _resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as src:
+        return src.read()
+
+
+def exists(location: str) -> bool:
+    fs, path = _resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_npz(location: str, arrays: dict[str, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes(location, buf.getvalue())
+
+
+def read_npz(location: str) -> dict[str, np.ndarray] | None:
+    data = read_bytes(location)
+    if data is None:
+        return None
+    with np.load(io.BytesIO(data)) as npz:
+        return {key: npz[key] for key in npz.files}

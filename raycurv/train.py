@@ -1,0 +1,172 @@
+"""The per-worker training loop (Ray Train, DDP) and the TorchTrainer that runs it.
+
+Each epoch every worker trains on its own share of a seeded permutation, records each sample's
+training loss (all-reduced, so csl is exact for every sample), and rank 0 hands the epoch's
+weights to the curvature pool without waiting for it, up to ``max_lag`` epochs in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from raycurv.config import ScoreSpec
+from raycurv.data.sharding import epoch_batches
+from raycurv.data.transforms import augment, crop_padding, to_input
+from raycurv.models import build_model
+
+
+def _cosine(opt: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+
+
+def _step(opt: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, epochs // 3), gamma=0.1)
+
+
+def _constant(opt: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, int], Any]] = {
+    "cosine": _cosine, "step": _step, "constant": _constant,
+}
+
+
+def _load_checkpoint(model: nn.Module, opt, sched) -> int:
+    """Restore the latest Ray Train checkpoint, if any; returns the first epoch still to train."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+    getattr(model, "module", model).load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return int(state["epoch"]) + 1
+
+
+def _all_reduce(array: np.ndarray) -> np.ndarray:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return array
+    tensor = torch.as_tensor(array)
+    torch.distributed.all_reduce(tensor)
+    return tensor.numpy()
+
+
+def _maybe_fault(config: dict[str, Any], epoch: int, rank: int) -> None:
+    """Test hook: kill this worker process once, at the start of ``fault_epoch`` on rank 0."""
+    marker = config.get("fault_marker")
+    if marker and rank == 0 and epoch == config.get("fault_epoch") and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+
+
+def _train_epoch(model, opt, data, batches, *, device, generator, pad, flip, do_augment):
+    """One pass over this worker's batches; returns per-position losses (N,) and #correct."""
+    losses = np.zeros(len(data["labels"]), dtype=np.float64)
+    correct = 0
+    model.train()
+    for positions in batches:
+        x = to_input(data["images"][positions], scale=data["scale"], mean=data["mean"],
+                     std=data["std"], device=device)
+        if do_augment:
+            x = augment(x, generator=generator, pad=pad, flip=flip)
+        y = torch.as_tensor(data["labels"][positions], device=device)
+        logits = model(x)
+        per_sample = F.cross_entropy(logits, y, reduction="none")
+        opt.zero_grad(set_to_none=True)
+        per_sample.mean().backward()
+        opt.step()
+        losses[positions] = per_sample.detach().cpu().numpy()
+        correct += int((logits.argmax(1) == y).sum())
+    return losses, correct
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. config: ``spec`` (ScoreSpec as dict), ``data`` (the dataset arrays,
+    or an object ref to them), ``pool`` (a CurvaturePool, or None to train only)."""
+    spec = ScoreSpec.model_validate(config["spec"])
+    data = config["data"]
+    data = ray.get(data) if isinstance(data, ray.ObjectRef) else data
+    pool = config.get("pool")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(spec.seed)  # the same initial weights on every worker
+    model = build_model(spec.train.model, in_channels=data["images"].shape[1],
+                        num_classes=data["num_classes"])
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    t = spec.train
+    opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
+                          weight_decay=t.weight_decay)
+    sched = SCHEDULES[t.schedule](opt, t.epochs)
+    start = _load_checkpoint(model, opt, sched)
+    n = len(data["labels"])
+    pending: list[tuple[int, list]] = []
+    pad = crop_padding(data["images"].shape[2])
+    for epoch in range(start, t.epochs):
+        _maybe_fault(config, epoch, rank)
+        tic = time.perf_counter()
+        generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch * 1_009 + rank)
+        batches = epoch_batches(n, world_size=world, rank=rank, batch_size=t.batch_size,
+                                seed=spec.seed, epoch=epoch)
+        losses, correct = _train_epoch(model, opt, data, batches, device=device,
+                                       generator=generator, pad=pad, flip=data["flip"],
+                                       do_augment=data["augment"])
+        sched.step()
+        losses = _all_reduce(losses)
+        correct = int(_all_reduce(np.array([correct], dtype=np.int64))[0])
+        train_seconds = time.perf_counter() - tic
+        metrics = {"epoch": epoch, "train_loss": float(losses.mean()), "train_acc": correct / n,
+                   "train_samples_per_s": n / train_seconds}
+        checkpoint = None
+        if rank == 0:
+            weights = {k: v.detach().cpu() for k, v in getattr(model, "module", model).state_dict().items()}
+            if pool is not None:
+                pending.append((epoch, pool.submit(epoch, ray.put(weights), losses.astype(np.float32))))
+                pending = _backpressure(pending, pool.max_lag)
+                metrics["scoring_lag"] = len(pending)
+            checkpoint = _checkpoint(model, opt, sched, epoch)
+            print(_progress_line(metrics, t.epochs), flush=True)
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)  # persisted by report
+    if rank == 0:
+        for _, refs in pending:
+            ray.get(refs)
+
+
+def _backpressure(pending: list[tuple[int, list]], max_lag: int) -> list[tuple[int, list]]:
+    """Drop finished epochs; block while more than ``max_lag`` epochs are still being scored."""
+    pending = [(e, refs) for e, refs in pending if ray.wait(refs, num_returns=len(refs), timeout=0)[1]]
+    while len(pending) > max_lag:
+        ray.get(pending[0][1])
+        pending = pending[1:]
+    return pending
+
+
+def _checkpoint(model, opt, sched, epoch: int) -> ray.train.Checkpoint:
+    folder = tempfile.mkdtemp(prefix="raycurv-ckpt-")
+    torch.save({"model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "epoch": epoch}, os.path.join(folder, "state.pt"))
+    return ray.train.Checkpoint.from_directory(folder)
+
+
+def _progress_line(m: dict[str, Any], epochs: int) -> str:
+    line = (f"epoch {m['epoch'] + 1}/{epochs}  train loss {m['train_loss']:.4f}  "
+            f"acc {m['train_acc']:.4f}  {m['train_samples_per_s']:.0f} samples/s trained")
+    if "scoring_lag" in m:
+        line += f"  scoring lag {m['scoring_lag']} epoch(s)"
+    return line
