@@ -43,6 +43,24 @@ def _spec_record(spec: ScoreSpec, data: Prepared) -> dict[str, Any]:
             "samples": len(data), "raycurv_version": raycurv.__version__}
 
 
+# Settings that change where or how fast a run goes, not its results: a resumed run may differ in them.
+_PLACEMENT = {"train.cpus_per_worker", "train.gpus_per_worker", "train.max_failures",
+              "curvature.actor_cpus", "curvature.actor_gpus", "curvature.max_lag", "name"}
+
+
+def _changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of result-changing settings that differ, as 'name old -> new'."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_settings(a, b, f"{name}.")
+        elif a != b and name not in _PLACEMENT:
+            out.append(f"{name} {a} -> {b}")
+    return out
+
+
 def check_run_dir(spec: ScoreSpec, data: Prepared) -> bool:
     """True if ``run_dir`` holds this same run (resume it); False if it is new or empty.
     A folder holding another run (other data or settings) is refused, never overwritten."""
@@ -59,9 +77,8 @@ def check_run_dir(spec: ScoreSpec, data: Prepared) -> bool:
     if record.get("dataset_fingerprint") != data.fingerprint:
         raise UsageError(f"{spec.run_dir} holds a run on other data ({record['spec']['data']['dataset']}, "
                          f"fingerprint {record.get('dataset_fingerprint')}); choose another --run-dir")
-    mine = _spec_record(spec, data)["spec"]
-    if record.get("spec") != mine:
-        changed = sorted(k for k in mine if record.get("spec", {}).get(k) != mine[k])
+    changed = _changed_settings(record.get("spec", {}), _spec_record(spec, data)["spec"])
+    if changed:
         raise UsageError(f"{spec.run_dir} holds a run with other settings ({', '.join(changed)}); "
                          "choose another --run-dir")
     return True
