@@ -6,7 +6,7 @@ it once, and persisted after every epoch, so a restarted actor resumes where it 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ from raycurv import storage
 from raycurv.curvature import curvature
 from raycurv.data.sharding import scoring_batches
 from raycurv.data.transforms import to_input
+from raycurv.metrics import record_scoring
 from raycurv.models import build_model
 
 
@@ -116,13 +117,16 @@ class ShardScorer:
 class CurvatureActor:
     """A ShardScorer in its own process; restarts reload the shard's state from storage."""
 
-    def __init__(self, spec: ShardSpec, shard: dict[str, np.ndarray]):
+    def __init__(self, spec: ShardSpec, shard: dict[str, np.ndarray], run: str):
+        self.run = run
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.scorer = ShardScorer(spec, shard["images"], shard["labels"], shard["sample_ids"],
                                   device=device)
 
     def score_epoch(self, epoch: int, weights: dict, train_loss: np.ndarray) -> dict[str, Any]:
-        return self.scorer.score_epoch(epoch, weights, train_loss)
+        stats = self.scorer.score_epoch(epoch, weights, train_loss)
+        record_scoring(self.run, stats["shard"], stats["samples"], stats["seconds"])
+        return stats
 
     def scored_epochs(self) -> list[int]:
         return self.scorer.scored_epochs
@@ -142,6 +146,8 @@ class CurvaturePool:
 
     actors: list[Any]
     max_lag: int
+    # the shards' object refs: held so that a restarted actor can fetch its constructor arguments
+    shard_refs: list[Any] = field(default_factory=list)
 
     def submit(self, epoch: int, weights_ref: ray.ObjectRef, train_loss: np.ndarray) -> list[ray.ObjectRef]:
         """Hand epoch ``epoch``'s weights (one object-store reference) to every actor; no waiting."""

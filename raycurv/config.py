@@ -38,9 +38,9 @@ class TrainSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = "small_cnn"
-    epochs: int = Field(default=15, ge=1)
+    epochs: int = Field(default=12, ge=1)
     batch_size: int = Field(default=64, ge=1)
-    lr: float = Field(default=0.05, gt=0.0)
+    lr: float = Field(default=0.01, gt=0.0)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=5e-4, ge=0.0)
     schedule: Schedule = "cosine"
@@ -55,7 +55,7 @@ class CurvatureSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    h: float = Field(default=1e-3, gt=0.0)
+    h: float = Field(default=0.03, gt=0.0)
     probes: int = Field(default=10, ge=1)
     variant: Variant = "norm"
     batch_size: int = Field(default=256, ge=1)

@@ -109,7 +109,7 @@ def start_pool(spec: ScoreSpec, data: Prepared):
     from raycurv.actors import CurvatureActor, CurvaturePool, ShardSpec
 
     c = spec.curvature
-    actors = []
+    actors, refs = [], []
     for index, (start, stop) in enumerate(actor_shards(len(data), c.actors, c.batch_size)):
         shard_spec = ShardSpec(
             index=index, start=start, stop=stop, epochs=spec.train.epochs, model=spec.train.model,
@@ -119,9 +119,10 @@ def start_pool(spec: ScoreSpec, data: Prepared):
             state_uri=storage.join(spec.run_dir, "shards", f"shard-{index:04d}.npz"))
         shard = ray.put({"images": data.images[start:stop], "labels": data.labels[start:stop],
                          "sample_ids": data.sample_ids[start:stop]})
+        refs.append(shard)
         actors.append(CurvatureActor.options(num_cpus=c.actor_cpus, num_gpus=c.actor_gpus)
-                      .remote(shard_spec, shard))
-    return CurvaturePool(actors=actors, max_lag=c.max_lag)
+                      .remote(shard_spec, shard, spec.run_name))
+    return CurvaturePool(actors=actors, max_lag=c.max_lag, shard_refs=refs)
 
 
 def fit(spec: ScoreSpec, data: Prepared, pool, *, extra_config: dict[str, Any] | None = None):

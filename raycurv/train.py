@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from raycurv.config import ScoreSpec
 from raycurv.data.sharding import epoch_batches
 from raycurv.data.transforms import augment, crop_padding, to_input
+from raycurv.metrics import record_epoch
 from raycurv.models import build_model
 
 
@@ -139,6 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 pending = _backpressure(pending, pool.max_lag)
                 metrics["scoring_lag"] = len(pending)
             checkpoint = _checkpoint(model, opt, sched, epoch)
+            record_epoch(spec.run_name, metrics)
             print(_progress_line(metrics, t.epochs), flush=True)
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:

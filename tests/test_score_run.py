@@ -44,7 +44,7 @@ def test_table_follows_the_contract(digits_run):
     assert by_rank["curvature"].is_monotonic_decreasing
     assert df.loc[df["curvature"].idxmin(), "percentile"] == 0.0
     assert meta["dataset"] == "digits" and meta["epochs"] == list(range(EPOCHS))
-    assert meta["h"] == 1e-3 and meta["probes"] == 10 and meta["n"] == 600
+    assert meta["h"] == 0.03 and meta["probes"] == 10 and meta["n"] == 600
     assert json.loads((digits_run / "run.json").read_text())["spec"]["seed"] == 5
 
 
@@ -59,7 +59,7 @@ def test_per_epoch_table_averages_to_the_score(digits_run):
 def test_curvature_finds_the_corrupted_labels(digits_run, capsys):
     df = pq.read_table(digits_run / "scores.parquet").to_pandas()
     auroc = roc_auc_score(df["corrupted"], df["curvature"])
-    assert auroc > 0.8, auroc  # a chance ranking gives 0.5
+    assert auroc > 0.9, auroc  # a chance ranking gives 0.5
     capsys.readouterr()
     assert main(["evaluate", str(digits_run), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
