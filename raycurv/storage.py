@@ -76,3 +76,19 @@ def read_npz(location: str) -> dict[str, np.ndarray] | None:
         return None
     with np.load(io.BytesIO(data)) as npz:
         return {key: npz[key] for key in npz.files}
+
+
+def delete(location: str) -> None:
+    """Remove a file if it exists."""
+    fs, path = _resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def list_files(location: str) -> list[str]:
+    """Locations of the files directly inside folder ``location`` (none if it does not exist)."""
+    fs, path = _resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path))
+    return sorted(join(location, info.base_name) for info in infos if info.type == pafs.FileType.File)

@@ -7,6 +7,7 @@ weights to the curvature pool without waiting for it, up to ``max_lag`` epochs i
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from raycurv import storage
 from raycurv.config import ScoreSpec
 from raycurv.data.sharding import epoch_batches
 from raycurv.data.transforms import augment, crop_padding, to_input
@@ -115,7 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sched = SCHEDULES[t.schedule](opt, t.epochs)
     start = _load_checkpoint(model, opt, sched)
     n = len(data["labels"])
-    pending: list[tuple[int, list]] = []
+    pending = _catch_up(pool, spec.run_dir, start) if pool is not None and rank == 0 else []
     pad = crop_padding(data["images"].shape[2])
     for epoch in range(start, t.epochs):
         _maybe_fault(config, epoch, rank)
@@ -134,10 +136,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "train_samples_per_s": n / train_seconds}
         checkpoint = None
         if rank == 0:
-            weights = {k: v.detach().cpu() for k, v in getattr(model, "module", model).state_dict().items()}
+            model_state = getattr(model, "module", model).state_dict()
             if pool is not None:
-                pending.append((epoch, pool.submit(epoch, ray.put(weights), losses.astype(np.float32))))
-                pending = _backpressure(pending, pool.max_lag)
+                pending.append(_hand_to_pool(pool, spec.run_dir, epoch, model_state, losses))
+                pending = _backpressure(pending, pool.max_lag, spec.run_dir)
                 metrics["scoring_lag"] = len(pending)
             checkpoint = _checkpoint(model, opt, sched, epoch)
             record_epoch(spec.run_name, metrics)
@@ -146,15 +148,50 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)  # persisted by report
     if rank == 0:
-        for _, refs in pending:
-            ray.get(refs)
+        _backpressure(pending, 0, spec.run_dir)
 
 
-def _backpressure(pending: list[tuple[int, list]], max_lag: int) -> list[tuple[int, list]]:
-    """Drop finished epochs; block while more than ``max_lag`` epochs are still being scored."""
-    pending = [(e, refs) for e, refs in pending if ray.wait(refs, num_returns=len(refs), timeout=0)[1]]
-    while len(pending) > max_lag:
-        ray.get(pending[0][1])
+def _epoch_file(run_dir: str, epoch: int) -> str:
+    return storage.join(run_dir, "epochs", f"epoch-{epoch:04d}.pt")
+
+
+def _hand_to_pool(pool, run_dir: str, epoch: int, model_state: dict, losses: np.ndarray):
+    """Put the epoch's weights in the object store once and hand the reference to every actor.
+
+    The weights and training losses also go to the run folder until the epoch is scored: if this
+    worker dies, the object it owns dies with it, and a restarted run re-submits from the file.
+    """
+    weights = {k: v.detach().cpu() for k, v in model_state.items()}
+    train_loss = losses.astype(np.float32)
+    buf = io.BytesIO()
+    torch.save({"epoch": epoch, "weights": weights, "train_loss": train_loss}, buf)
+    storage.write_bytes(_epoch_file(run_dir, epoch), buf.getvalue())
+    return epoch, pool.submit(epoch, ray.put(weights), train_loss)
+
+
+def _catch_up(pool, run_dir: str, start: int) -> list[tuple[int, list]]:
+    """Re-submit epochs trained before ``start`` whose scoring may not have finished (their
+    files remain); actors skip epochs they already scored."""
+    pending = []
+    for location in storage.list_files(storage.join(run_dir, "epochs")):
+        saved = torch.load(io.BytesIO(storage.read_bytes(location)), weights_only=False)
+        if saved["epoch"] < start:
+            pending.append((saved["epoch"], pool.submit(saved["epoch"], ray.put(saved["weights"]),
+                                                        saved["train_loss"])))
+    return pending
+
+
+def _backpressure(pending: list[tuple[int, list]], max_lag: int, run_dir: str) -> list[tuple[int, list]]:
+    """Forget epochs whose scoring finished (and delete their files), oldest first; block while
+    more than ``max_lag`` epochs are in flight."""
+    while pending:
+        epoch, refs = pending[0]
+        timeout = None if len(pending) > max_lag else 0
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if len(done) < len(refs):
+            break
+        ray.get(refs)  # raises if scoring failed for good
+        storage.delete(_epoch_file(run_dir, epoch))
         pending = pending[1:]
     return pending
 

@@ -32,3 +32,24 @@ def ray_cluster():
     except Exception:
         pass
     ray.shutdown()
+
+
+DIGITS_EPOCHS = 4
+DIGITS_FLAGS = ["--limit", "600", "--noise", "0.1", "--epochs", str(DIGITS_EPOCHS), "--seed", "5",
+                "--score-batch-size", "128"]
+
+
+@pytest.fixture(scope="session")
+def digits_flags():
+    """Flags of the reference scoring run: 600 digits, 10 % noise, 4 epochs (about 30 s)."""
+    return list(DIGITS_FLAGS)
+
+
+@pytest.fixture(scope="session")
+def digits_run(ray_cluster, tmp_path_factory):
+    """One uninterrupted `raycurv score` run (1 worker, 1 actor) that other runs compare with."""
+    from raycurv.cli import main
+
+    run_dir = tmp_path_factory.mktemp("runs") / "digits"
+    assert main(["score", *DIGITS_FLAGS, "--run-dir", str(run_dir)]) == 0
+    return run_dir

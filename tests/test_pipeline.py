@@ -1,0 +1,98 @@
+"""The distributed pipeline: DDP workers, a sharded actor pool, and runs that survive a killed
+training worker, a killed curvature actor and a stopped driver with the same table."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raycurv.cli import build_parser, main
+from raycurv.commands.score import build_spec
+from raycurv.run import score_run
+from tests.test_score_run import assert_same_scores
+
+pytestmark = pytest.mark.slow
+
+
+def _spec(flags: list[str], run_dir: Path):
+    return build_spec(build_parser().parse_args(["score", *flags, "--run-dir", str(run_dir)]))
+
+
+def _table(run_dir: Path):
+    return pq.read_table(run_dir / "scores.parquet")
+
+
+def test_two_workers_two_actors_score_every_sample_every_epoch(ray_cluster, digits_flags, tmp_path):
+    run_dir = tmp_path / "ddp"
+    assert main(["score", *digits_flags, "--workers", "2", "--actors", "2", "--run-dir", str(run_dir)]) == 0
+    df = _table(run_dir).to_pandas()
+    epochs = int(digits_flags[digits_flags.index("--epochs") + 1])
+    assert len(df) == 600 and (df["epochs_scored"] == epochs).all()
+    assert np.isfinite(df["csl"]).all() and (df["csl"] > 0).all()
+    # csl sums one training loss per epoch: at least the smallest possible per-epoch loss sum
+    per_epoch = pq.read_table(run_dir / "curvature_by_epoch.parquet").to_pandas()
+    assert per_epoch.groupby("sample_id").size().eq(epochs).all()
+    assert not (run_dir / "epochs").exists() or not os.listdir(run_dir / "epochs")
+
+
+def test_killed_training_worker_resumes_from_its_checkpoint(digits_run, digits_flags, tmp_path):
+    run_dir = tmp_path / "worker-killed"
+    marker = tmp_path / "killed-once"
+    score_run(_spec(digits_flags, run_dir), extra_config={"fault_marker": str(marker), "fault_epoch": 2})
+    assert marker.exists(), "the fault hook did not fire"
+    assert_same_scores(_table(digits_run), _table(run_dir))
+
+
+def _alive_actor_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "CurvatureActor"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.pid]
+
+
+def test_killed_curvature_actor_restarts_without_losing_or_double_counting(digits_run, digits_flags, tmp_path):
+    run_dir = tmp_path / "actor-killed"
+    errors: list[BaseException] = []
+
+    def drive():
+        try:
+            score_run(_spec([*digits_flags, "--actors", "2"], run_dir))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "shards" / "shard-0001.npz").exists():
+        time.sleep(0.2)
+    pids = _alive_actor_pids()
+    assert pids, "no curvature actor found to kill"
+    os.kill(pids[-1], signal.SIGKILL)
+    driver.join(timeout=300)
+    assert not driver.is_alive() and not errors, errors
+    assert_same_scores(_table(digits_run), _table(run_dir))
+
+
+def test_stopped_driver_resumes_when_the_command_runs_again(digits_run, digits_flags, ray_cluster, tmp_path):
+    run_dir = tmp_path / "driver-stopped"
+    argv = [sys.executable, "-m", "raycurv.cli", "score", *digits_flags, "--run-dir", str(run_dir),
+            "--address", ray_cluster]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list((run_dir / "train").glob("checkpoint_*"))) < 2:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "scores.parquet").exists()
+    assert main(["score", *digits_flags, "--run-dir", str(run_dir)]) == 0
+    assert_same_scores(_table(digits_run), _table(run_dir))
