@@ -76,21 +76,28 @@ class CurvatureResult:
     loss: torch.Tensor  # float: cross-entropy on the given label, unperturbed input
     pred: torch.Tensor  # int64: argmax class
     confidence: torch.Tensor  # float: softmax probability of the given label
+    probe_norms: torch.Tensor  # (n, B) float: ||d_j||_2 per probe, from which every variant follows
 
 
-def _reduce_norm(diff: torch.Tensor, h: float) -> torch.Tensor:
-    return diff.norm(dim=-1)
+def _norm_terms(norms: torch.Tensor, h: float) -> torch.Tensor:
+    return norms
 
 
-def _reduce_trace(diff: torch.Tensor, h: float) -> torch.Tensor:
-    return diff.pow(2).sum(dim=-1) / (h * h)
+def _trace_terms(norms: torch.Tensor, h: float) -> torch.Tensor:
+    return norms.pow(2) / (h * h)
 
 
-# variant -> per-probe term from d_j = g(x + h v_j) - g(x), shape (k, B, D) -> (k, B)
+# variant -> per-probe term from ||d_j||, d_j = g(x + h v_j) - g(x); shape (n, B) -> (n, B)
 VARIANTS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    "norm": _reduce_norm,
-    "trace": _reduce_trace,
+    "norm": _norm_terms,
+    "trace": _trace_terms,
 }
+
+
+def reduce_probe_norms(probe_norms: torch.Tensor, *, h: float, variant: str) -> torch.Tensor:
+    """Curvature (B,) of ``variant`` from per-probe norms (n, B): the mean of the per-probe terms.
+    The first n' rows of an n-probe result are exactly an n'-probe result (same probes)."""
+    return VARIANTS[variant](probe_norms, h).mean(dim=0)
 
 
 @contextlib.contextmanager
@@ -133,21 +140,22 @@ def default_probe_chunk(batch: int, probes: int, *, max_pass: int = 512) -> int:
 def _curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, *,
                epoch: int, seed: int, h: float, probes: int, variant: str,
                probe_chunk: int) -> CurvatureResult:
-    reduce = VARIANTS[variant]
     batch, shape = x.shape[0], tuple(x.shape[1:])
     loss, g0, logits = input_gradient(model, x, y)
     g0 = g0.reshape(1, batch, -1)
-    total = torch.zeros(batch, dtype=g0.dtype, device=x.device)
+    norms = []
     for start in range(0, probes, probe_chunk):
         idx = torch.arange(start, min(start + probe_chunk, probes), device=x.device)
         v = rademacher_probes(seed=seed, epoch=epoch, sample_ids=sample_ids, probe_indices=idx,
                               shape=shape, dtype=x.dtype)  # (k, B, *shape)
         xs = (x.detach()[None] + h * v).reshape(len(idx) * batch, *shape)
         _, g, _ = input_gradient(model, xs, y.repeat(len(idx)))
-        total += reduce(g.reshape(len(idx), batch, -1) - g0, h).sum(dim=0)
+        norms.append((g.reshape(len(idx), batch, -1) - g0).norm(dim=-1))  # (k, B)
+    probe_norms = torch.cat(norms)
     probs = logits.softmax(dim=1)
     return CurvatureResult(
-        curvature=total / probes,
+        curvature=reduce_probe_norms(probe_norms, h=h, variant=variant),
+        probe_norms=probe_norms,
         loss=loss,
         pred=logits.argmax(dim=1),
         confidence=probs.gather(1, y[:, None]).squeeze(1),
