@@ -14,7 +14,7 @@ import ray
 import torch
 
 from raycurv import storage
-from raycurv.curvature import curvature
+from raycurv.curvature import curvature, reduce_probe_norms
 from raycurv.data.sharding import scoring_batches
 from raycurv.data.transforms import to_input
 from raycurv.metrics import record_scoring
@@ -36,9 +36,7 @@ class ShardSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     seed: int
-    h: float
-    probes: int
-    variant: str
+    estimators: tuple[tuple[float, int, str], ...]  # (h, probes, variant); the first is primary
     batch_size: int
     state_uri: str  # where this shard's state file lives (local path or pyarrow URI)
 
@@ -46,8 +44,10 @@ class ShardSpec:
 class ShardScorer:
     """Scores one shard (plain Python: the actor below wraps it; tests use it directly).
 
-    State: per-epoch curvature and training loss, (epochs, n) float32, NaN where not yet scored,
-    and the loss, prediction and confidence of the latest scored epoch's model.
+    State: per-epoch curvature (estimators, epochs, n) and training loss (epochs, n), float32, NaN
+    where not yet scored, and the loss, prediction and confidence of the latest scored epoch's model.
+    Estimators sharing an h share their gradient passes: the variants and smaller probe counts
+    follow from the per-probe norms of the largest.
     """
 
     def __init__(self, spec: ShardSpec, images: np.ndarray, labels: np.ndarray,
@@ -55,7 +55,7 @@ class ShardScorer:
         self.spec, self.device = spec, torch.device(device)
         self.images, self.labels, self.sample_ids = images, labels, sample_ids
         n = spec.stop - spec.start
-        self.curvature = np.full((spec.epochs, n), np.nan, dtype=np.float32)
+        self.curvature = np.full((len(spec.estimators), spec.epochs, n), np.nan, dtype=np.float32)
         self.train_loss = np.full((spec.epochs, n), np.nan, dtype=np.float32)
         self.final = {"epoch": -1, "loss": np.full(n, np.nan, np.float32),
                       "pred": np.full(n, -1, np.int32), "confidence": np.full(n, np.nan, np.float32)}
@@ -65,7 +65,7 @@ class ShardScorer:
 
     @property
     def scored_epochs(self) -> list[int]:
-        return [int(e) for e in np.flatnonzero(~np.isnan(self.curvature).any(axis=1))]
+        return [int(e) for e in np.flatnonzero(~np.isnan(self.curvature).any(axis=(0, 2)))]
 
     def score_epoch(self, epoch: int, weights: dict[str, torch.Tensor],
                     train_loss: np.ndarray) -> dict[str, Any]:
@@ -81,9 +81,7 @@ class ShardScorer:
             x = to_input(self.images[lo:hi], scale=s.scale, mean=s.mean, std=s.std, device=self.device)
             y = torch.as_tensor(self.labels[lo:hi], device=self.device)
             ids = torch.as_tensor(self.sample_ids[lo:hi], device=self.device)
-            out = curvature(self.model, x, y, sample_ids=ids, epoch=epoch, seed=s.seed, h=s.h,
-                            probes=s.probes, variant=s.variant)
-            self.curvature[epoch, lo:hi] = out.curvature.cpu().numpy()
+            out = self._score_batch(x, y, ids, epoch, lo, hi)
             if epoch >= self.final["epoch"]:
                 self.final["loss"][lo:hi] = out.loss.cpu().numpy()
                 self.final["pred"][lo:hi] = out.pred.cpu().numpy()
@@ -93,6 +91,19 @@ class ShardScorer:
         self._save()
         return {"shard": s.index, "epoch": epoch, "samples": s.stop - s.start,
                 "seconds": time.perf_counter() - started}
+
+    def _score_batch(self, x, y, ids, epoch: int, lo: int, hi: int):
+        """Every estimator on one batch; one set of gradient passes per distinct h."""
+        s, out = self.spec, None
+        for h in dict.fromkeys(est[0] for est in s.estimators):
+            probes = max(n for eh, n, _ in s.estimators if eh == h)
+            out = curvature(self.model, x, y, sample_ids=ids, epoch=epoch, seed=s.seed, h=h,
+                            probes=probes, variant="norm")
+            for k, (eh, n, variant) in enumerate(s.estimators):
+                if eh == h:
+                    values = reduce_probe_norms(out.probe_norms[:n], h=h, variant=variant)
+                    self.curvature[k, epoch, lo:hi] = values.cpu().numpy()
+        return out
 
     def state(self) -> dict[str, np.ndarray]:
         """Arrays for the merge: positions are start + arange(n)."""

@@ -50,19 +50,44 @@ class TrainSpec(BaseModel):
     max_failures: int = Field(default=3, ge=0)
 
 
+class EstimatorSpec(BaseModel):
+    """One estimator: h (perturbation size, in normalized input units), n probes, variant."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    h: float = Field(default=0.03, gt=0.0)
+    probes: int = Field(default=10, ge=1)
+    variant: Variant = "norm"
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-h{self.h:g}-n{self.probes}"
+
+
 class CurvatureSpec(BaseModel):
-    """The estimator: h (perturbation size), n probes, variant; see raycurv.curvature."""
+    """The estimator (h, probes, variant; see raycurv.curvature) and the actor pool that runs it.
+
+    ``also`` lists more estimators scored on the same models (a sweep's scoring-only axes): each
+    gets its own table under ``<run_dir>/estimators/<name>/``.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     h: float = Field(default=0.03, gt=0.0)
     probes: int = Field(default=10, ge=1)
     variant: Variant = "norm"
+    also: list[EstimatorSpec] = Field(default_factory=list)
     batch_size: int = Field(default=256, ge=1)
     actors: int = Field(default=1, ge=1)
     actor_cpus: float = Field(default=0.5, gt=0.0)
     actor_gpus: float = Field(default=0.0, ge=0.0)
     max_lag: int = Field(default=2, ge=1)
+
+    @property
+    def estimators(self) -> list[EstimatorSpec]:
+        """The primary estimator first, then ``also`` without repeats."""
+        primary = EstimatorSpec(h=self.h, probes=self.probes, variant=self.variant)
+        return list(dict.fromkeys([primary, *self.also]))
 
 
 class ScoreSpec(BaseModel):

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 import raycurv
 from raycurv import storage
-from raycurv.config import ScoreSpec
+from raycurv.config import EstimatorSpec, ScoreSpec
 from raycurv.data import Prepared, prepare_dataset
 from raycurv.data.sharding import actor_shards
 from raycurv.errors import UsageError
@@ -36,6 +36,7 @@ class RunResult:
     metrics: dict[str, Any]  # detection metrics (raycurv.evaluate)
     train: dict[str, Any]  # last epoch's training metrics
     seconds: float
+    tables: dict[str, pa.Table]  # every estimator's table by name, the primary (``table``) first
 
 
 def _spec_record(spec: ScoreSpec, data: Prepared) -> dict[str, Any]:
@@ -114,8 +115,9 @@ def start_pool(spec: ScoreSpec, data: Prepared):
         shard_spec = ShardSpec(
             index=index, start=start, stop=stop, epochs=spec.train.epochs, model=spec.train.model,
             in_channels=data.input_shape[0], num_classes=data.num_classes, scale=data.scale,
-            mean=data.mean, std=data.std, seed=spec.seed, h=c.h, probes=c.probes,
-            variant=c.variant, batch_size=c.batch_size,
+            mean=data.mean, std=data.std, seed=spec.seed,
+            estimators=tuple((e.h, e.probes, e.variant) for e in c.estimators),
+            batch_size=c.batch_size,
             state_uri=storage.join(spec.run_dir, "shards", f"shard-{index:04d}.npz"))
         shard = ray.put({"images": data.images[start:stop], "labels": data.labels[start:stop],
                          "sample_ids": data.sample_ids[start:stop]})
@@ -150,58 +152,73 @@ def fit(spec: ScoreSpec, data: Prepared, pool, *, extra_config: dict[str, Any] |
 
 
 def merge_states(states: list[dict[str, np.ndarray]], data: Prepared) -> dict[str, np.ndarray]:
-    """Per-shard actor states -> per-sample arrays (positions in dataset order) and the
-    (epochs, N) matrix of per-epoch curvature."""
+    """Per-shard actor states -> per-sample arrays in dataset order, and ``by_epoch``, the
+    (estimators, epochs, N) per-epoch curvature, NaN where an epoch was not scored."""
     ordered = sorted(states, key=lambda s: int(s["start"]))
-    by_epoch = np.concatenate([s["curvature"] for s in ordered], axis=1)
+    by_epoch = np.concatenate([s["curvature"] for s in ordered], axis=2)
     train_loss = np.concatenate([s["train_loss"] for s in ordered], axis=1)
-    scored = ~np.isnan(by_epoch)
-    if not scored.any(axis=0).all():
-        missing = int((~scored.any(axis=0)).sum())
-        raise RuntimeError(f"{missing} samples were never scored")
+    if not (~np.isnan(by_epoch)).any(axis=1).all():
+        missing = int((~(~np.isnan(by_epoch)).any(axis=1)).sum())
+        raise RuntimeError(f"{missing} (estimator, sample) pairs were never scored")
     return {
         "sample_id": data.sample_ids, "label": data.labels, "original_label": data.original_labels,
         "corrupted": data.corrupted, "duplicate_of": data.duplicate_of,
-        "curvature": np.nanmean(by_epoch, axis=0),
-        "epochs_scored": scored.sum(axis=0),
         "csl": np.nansum(train_loss, axis=0),
         "final_loss": np.concatenate([s["final_loss"] for s in ordered]),
         "final_confidence": np.concatenate([s["final_confidence"] for s in ordered]),
         "final_pred": np.concatenate([s["final_pred"] for s in ordered]),
-        "_by_epoch": by_epoch,
+        "by_epoch": by_epoch,
     }
 
 
-def table_metadata(spec: ScoreSpec, data: Prepared, epochs: list[int]) -> dict[str, Any]:
-    c = spec.curvature
+def table_metadata(spec: ScoreSpec, data: Prepared, estimator: EstimatorSpec,
+                   epochs: list[int]) -> dict[str, Any]:
     return {
         "raycurv_version": raycurv.__version__, "run": spec.run_name,
         "dataset": data.name, "dataset_fingerprint": data.fingerprint, "n": len(data),
         "classes": data.num_classes, "input_shape": list(data.input_shape),
         "noise": {"rate": spec.data.noise, "kind": spec.data.noise_kind,
                   "duplicates": spec.data.duplicates, "limit": spec.data.limit},
-        "model": spec.train.model, "variant": c.variant, "h": c.h, "probes": c.probes,
-        "epochs": epochs, "seed": spec.seed,
+        "model": spec.train.model, "variant": estimator.variant, "h": estimator.h,
+        "probes": estimator.probes, "epochs": epochs, "seed": spec.seed,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
-def write_run(spec: ScoreSpec, data: Prepared, merged: dict[str, np.ndarray]) -> pa.Table:
-    """Write scores.parquet and curvature_by_epoch.parquet, each atomically."""
+def estimator_dir(run_dir: str, estimator: EstimatorSpec, *, primary: bool) -> str:
+    """The primary estimator's table lives in the run folder; others under estimators/<name>/."""
+    return run_dir if primary else storage.join(run_dir, "estimators", estimator.name)
+
+
+def _write_parquet(table: pa.Table, location: str) -> None:
     import pyarrow.parquet as pq
 
-    by_epoch = merged.pop("_by_epoch")
-    epochs = [int(e) for e in np.flatnonzero(~np.isnan(by_epoch).all(axis=1))]
-    table = build_table(merged, table_metadata(spec, data, epochs))
-    long_epoch, long_pos = np.nonzero(~np.isnan(by_epoch))
-    per_epoch = pa.Table.from_arrays(
-        [pa.array(data.sample_ids[long_pos]), pa.array(long_epoch.astype(np.int32)),
-         pa.array(by_epoch[long_epoch, long_pos].astype(np.float32))], schema=BY_EPOCH_SCHEMA)
-    for name, tbl in ((BY_EPOCH_FILE, per_epoch), (SCORES_FILE, table)):
-        sink = pa.BufferOutputStream()
-        pq.write_table(tbl, sink)
-        storage.write_bytes(storage.join(spec.run_dir, name), sink.getvalue().to_pybytes())
-    return table
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes(location, sink.getvalue().to_pybytes())
+
+
+def write_run(spec: ScoreSpec, data: Prepared, merged: dict[str, np.ndarray]) -> dict[str, pa.Table]:
+    """Write each estimator's scores.parquet and curvature_by_epoch.parquet, each atomically.
+    Returns the tables by estimator name, the primary first."""
+    merged = dict(merged)
+    by_epoch = merged.pop("by_epoch")
+    tables = {}
+    for k, estimator in enumerate(spec.curvature.estimators):
+        values = by_epoch[k]  # (epochs, N)
+        scored = ~np.isnan(values)
+        epochs = [int(e) for e in np.flatnonzero(scored.any(axis=1))]
+        columns = {**merged, "curvature": np.nanmean(values, axis=0), "epochs_scored": scored.sum(axis=0)}
+        table = build_table(columns, table_metadata(spec, data, estimator, epochs))
+        long_epoch, long_pos = np.nonzero(scored)
+        per_epoch = pa.Table.from_arrays(
+            [pa.array(data.sample_ids[long_pos]), pa.array(long_epoch.astype(np.int32)),
+             pa.array(values[long_epoch, long_pos].astype(np.float32))], schema=BY_EPOCH_SCHEMA)
+        folder = estimator_dir(spec.run_dir, estimator, primary=k == 0)
+        _write_parquet(per_epoch, storage.join(folder, BY_EPOCH_FILE))
+        _write_parquet(table, storage.join(folder, SCORES_FILE))
+        tables[estimator.name] = table
+    return tables
 
 
 def score_run(spec: ScoreSpec, *, address: str | None = None,
@@ -225,7 +242,9 @@ def score_run(spec: ScoreSpec, *, address: str | None = None,
         merged = merge_states(pool.states(), data)
     finally:
         pool.shutdown()
-    table = write_run(spec, data, merged)
+    tables = write_run(spec, data, merged)
+    table = next(iter(tables.values()))
     return RunResult(run_dir=spec.run_dir, table=table, metrics=evaluate_table(table),
-                     train=dict(result.metrics or {}), seconds=time.perf_counter() - started)
+                     train=dict(result.metrics or {}), seconds=time.perf_counter() - started,
+                     tables=tables)
 
