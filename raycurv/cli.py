@@ -14,6 +14,7 @@ from raycurv.errors import UsageError
 VERBS: dict[str, tuple[str, str]] = {
     "score": ("score", "train a network on Ray and score every sample's curvature"),
     "evaluate": ("evaluate", "detection and agreement metrics of a stored run"),
+    "sweep": ("sweep", "Ray Tune sweep over noise rates x h (x probes, variants, seeds, settings)"),
 }
 
 

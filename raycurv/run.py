@@ -106,9 +106,12 @@ def _dataset_payload(data: Prepared) -> dict[str, Any]:
 def start_pool(spec: ScoreSpec, data: Prepared):
     """Create the curvature actors, each with only its shard's images in the object store."""
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from raycurv.actors import CurvatureActor, CurvaturePool, ShardSpec
 
+    # on the cluster, not inside the caller's placement group (a Tune trial's)
+    outside = PlacementGroupSchedulingStrategy(placement_group=None)
     c = spec.curvature
     actors, refs = [], []
     for index, (start, stop) in enumerate(actor_shards(len(data), c.actors, c.batch_size)):
@@ -122,7 +125,8 @@ def start_pool(spec: ScoreSpec, data: Prepared):
         shard = ray.put({"images": data.images[start:stop], "labels": data.labels[start:stop],
                          "sample_ids": data.sample_ids[start:stop]})
         refs.append(shard)
-        actors.append(CurvatureActor.options(num_cpus=c.actor_cpus, num_gpus=c.actor_gpus)
+        actors.append(CurvatureActor.options(num_cpus=c.actor_cpus, num_gpus=c.actor_gpus,
+                                             scheduling_strategy=outside)
                       .remote(shard_spec, shard, spec.run_name))
     return CurvaturePool(actors=actors, max_lag=c.max_lag, shard_refs=refs)
 
