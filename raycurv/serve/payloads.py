@@ -1,0 +1,105 @@
+"""Response bodies of the lookup API, built from a TableIndex; shared by the HTTP routes and by
+``raycurv query`` reading a table directly, so both answer the same thing.
+
+Scores: higher curvature = more memorized; rank 1 = highest curvature; "desc" = most memorized
+first, "asc" = least memorized first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from raycurv.serve.index import Order, TableIndex
+from raycurv.serve.registry import RunRegistry, RunState, UnknownRun
+
+
+class NotFound(LookupError):
+    """An unknown run or sample; the message says what exists (HTTP 404)."""
+
+
+def resolve(registry: RunRegistry, run: str) -> TableIndex:
+    """The table serving ``run``; raises NotFound naming the known runs, or why it has none."""
+    try:
+        state = registry.get(run)
+    except UnknownRun as exc:
+        raise NotFound(str(exc)) from None
+    if state.index is None:
+        raise NotFound(f"run {run!r} has no table loaded: {state.last_error or 'not loaded yet'}")
+    return state.index
+
+
+def _describe_ids(index: TableIndex) -> str:
+    span = index.id_range()
+    if span is None:
+        return "the table is empty"
+    return f"its {index.rows} sample ids span {span[0]}..{span[1]}"
+
+
+def sample_payload(index: TableIndex, sample_id: int) -> dict[str, Any]:
+    """One row: ``{"run", "sample"}``; raises NotFound when the table has no such sample."""
+    position = int(index.positions(np.array([sample_id], dtype=np.int64))[0])
+    if position < 0:
+        raise NotFound(f"run {index.run!r} has no sample {sample_id}; {_describe_ids(index)}")
+    return {"run": index.run, "sample": index.records(np.array([position]))[0]}
+
+
+def lookup_payload(index: TableIndex, sample_ids: list[int]) -> dict[str, Any]:
+    """Rows of the ids that exist, in request order, and the ids that do not."""
+    requested = np.asarray(sample_ids, dtype=np.int64)
+    positions = index.positions(requested)
+    found = positions >= 0
+    return {
+        "run": index.run,
+        "rows": index.records(positions[found]),
+        "missing": requested[~found].tolist(),
+    }
+
+
+def top_payload(index: TableIndex, *, k: int, label: int | None = None, order: Order = "desc"
+                ) -> dict[str, Any]:
+    """The ``k`` most (desc) or least (asc) memorized samples, optionally of one label."""
+    positions, total = index.top(k, label=label, order=order)
+    return {"run": index.run, "order": order, "label": label, "k": k, "total": total,
+            "rows": index.records(positions)}
+
+
+def summary_payload(index: TableIndex) -> dict[str, Any]:
+    """Distribution, per-label counts and detection metrics (see TableIndex.summary)."""
+    return index.summary()
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe copy of metadata: non-finite floats become None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def run_info(state: RunState) -> dict[str, Any]:
+    """What /v1/runs says about one run."""
+    index = state.index
+    return {
+        "name": state.name,
+        "path": str(index.path if index else state.file),
+        "status": "serving" if index else "failed",
+        "rows": index.rows if index else None,
+        "loaded_at": index.loaded_at if index else None,
+        "load_seconds": index.load_seconds if index else None,
+        "loads": state.loads,
+        "reload_failures": state.failures,
+        "last_error": state.last_error,
+        "metadata": _finite(index.metadata) if index else {},
+    }
+
+
+def runs_payload(registry: RunRegistry) -> dict[str, Any]:
+    """Every known run, by name."""
+    runs = registry.runs
+    return {"runs": [run_info(runs[name]) for name in sorted(runs)]}
