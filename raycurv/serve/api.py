@@ -12,17 +12,15 @@ Scores: higher curvature = more memorized; rank 1 = highest curvature.
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi import APIRouter, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raycurv import __version__
@@ -58,10 +56,9 @@ Higher `curvature` = more memorized; `rank` 1 = the highest curvature; `percenti
 samples with strictly lower curvature. Tables are reloaded when their file is replaced."""
 
 
-def _json(payload: dict[str, Any], *, status_code: int = 200) -> Response:
-    """Serialize a payload the routes built from a validated table (fast path, no re-validation;
-    the shapes are the documented response models)."""
-    body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+def _json(body: bytes, *, status_code: int = 200) -> Response:
+    """A JSON body the payload builders made from a validated table (no re-validation; the
+    shapes are the documented response models, which the tests check)."""
     return Response(body, status_code=status_code, media_type="application/json")
 
 
@@ -70,13 +67,55 @@ def _error(status_code: int, detail: str, headers: dict[str, str] | None = None)
                         headers=headers)
 
 
-class ObserveMiddleware:
-    """Counts requests by route template and status, times them, and adds a Server-Timing
-    header (time inside the app until the response starts). Also refuses oversized bodies."""
+def _unauthorized(reason: str) -> JSONResponse:
+    return _error(401, f"{reason} bearer token (send Authorization: Bearer <token>)",
+                  headers={"WWW-Authenticate": "Bearer"})
 
-    def __init__(self, app: Callable[..., Awaitable[None]], *, metrics: ServeMetrics) -> None:
+
+class ObserveMiddleware:
+    """In front of every route: checks the bearer token (all routes but /healthz), refuses
+    oversized bodies (413), counts requests by route template and status, times them, and adds
+    a Server-Timing header (time inside the app until the response starts). Requests refused
+    before routing are counted under the route "unmatched"."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], *, metrics: ServeMetrics,
+                 token: str | None) -> None:
         self.app = app
         self.metrics = metrics
+        self.expected = token.encode() if token else None
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def _refusal(self, scope: dict) -> Response | None:
+        """A 401 or 413 answer for a request that must not reach the routes, else None."""
+        headers = dict(scope.get("headers") or [])
+        if self.expected is not None:
+            path = scope.get("path", "")
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root):]
+            if path != "/healthz":
+                given = headers.get(b"authorization", b"")
+                scheme, _, credentials = given.partition(b" ")
+                if not given:
+                    return _unauthorized("missing")
+                if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(),
+                                                                          self.expected):
+                    return _unauthorized("wrong")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return _error(413, f"request body of {int(length)} bytes exceeds the limit of "
+                               f"{MAX_BODY_BYTES} bytes")
+        return None
+
+    def _observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.metrics.requests.labels(route, method, str(status)),
+                        self.metrics.latency.labels(route))
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -96,17 +135,14 @@ class ObserveMiddleware:
             await send(message)
 
         try:
-            length = dict(scope.get("headers") or []).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-                response = _error(413, f"request body of {int(length)} bytes exceeds the limit of "
-                                       f"{MAX_BODY_BYTES} bytes")
-                await response(scope, receive, send_timed)
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send_timed)
             else:
                 await self.app(scope, receive, send_timed)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            self._observe(route, scope.get("method", ""), status, time.perf_counter() - started)
 
 
 def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
@@ -127,21 +163,24 @@ def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict[str,
     return detail, issues
 
 
-def _auth_dependency(token: str) -> Callable[..., Awaitable[None]]:
-    """A dependency that answers 401 unless the request carries ``Authorization: Bearer token``."""
-    bearer = HTTPBearer(auto_error=False, description="the service's bearer token")
-    expected = token.encode()
+def _document_bearer_auth(app: FastAPI) -> None:
+    """Declare the bearer token in the OpenAPI document (ObserveMiddleware enforces it)."""
+    build = app.openapi
 
-    async def require_token(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
-        given = credentials.credentials.encode() if credentials else b""
-        if not credentials or not hmac.compare_digest(given, expected):
-            reason = "missing" if not credentials else "wrong"
-            raise HTTPException(401, f"{reason} bearer token (send Authorization: Bearer <token>)",
-                                headers={"WWW-Authenticate": "Bearer"})
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "the service's bearer token"}}
+            for path, operations in schema["paths"].items():
+                if path != "/healthz":
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
 
-    return require_token
+    app.openapi = openapi
 
 
 async def _reload_loop(registry: RunRegistry, interval_s: float, log: logging.Logger) -> None:
@@ -174,7 +213,8 @@ def build_api(*, registry: RunRegistry, settings: ServeSettings, metrics: ServeM
 
     app = FastAPI(title="raycurv lookup", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
-    app.add_middleware(ObserveMiddleware, metrics=metrics)
+    token = settings.token.get_secret_value() if settings.token else None
+    app.add_middleware(ObserveMiddleware, metrics=metrics, token=token)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -198,10 +238,8 @@ def build_api(*, registry: RunRegistry, settings: ServeSettings, metrics: ServeM
         log.error("internal error on %s %s: %r", request.method, request.url.path, exc)
         return _error(500, "internal error; the service log has the details")
 
-    token = settings.token.get_secret_value() if settings.token else None
-    protected = [Depends(_auth_dependency(token))] if token else []
     unauthorized = {401: {"model": ErrorResponse, "description": "missing or wrong bearer token"}}
-    api = APIRouter(dependencies=protected, responses=unauthorized if token else {})
+    api = APIRouter(responses=unauthorized if token else {})
     not_found = {404: {"model": ErrorResponse, "description": "unknown run or sample"}}
     invalid = {422: {"model": ValidationErrorResponse, "description": "malformed request"}}
 
@@ -237,8 +275,8 @@ def build_api(*, registry: RunRegistry, settings: ServeSettings, metrics: ServeM
         """Rows for up to 10,000 sample ids, in request order; unknown ids come back in
         ``missing``."""
         index = payloads.resolve(registry, run)
-        body = payloads.lookup_payload(index, request.sample_ids)
-        metrics.rows_returned.labels(ROUTE_LOOKUP).inc(len(body["rows"]))
+        body, rows = payloads.lookup_payload(index, request.sample_ids)
+        metrics.rows_returned.labels(ROUTE_LOOKUP).inc(rows)
         return _json(body)
 
     @api.get(ROUTE_TOP, response_model=TopResponse, tags=["runs"],
@@ -253,8 +291,8 @@ def build_api(*, registry: RunRegistry, settings: ServeSettings, metrics: ServeM
     ) -> Response:
         """The k most (or least) memorized samples, optionally of one label."""
         index = payloads.resolve(registry, run)
-        body = payloads.top_payload(index, k=k, label=label, order=order)
-        metrics.rows_returned.labels(ROUTE_TOP).inc(len(body["rows"]))
+        body, rows = payloads.top_payload(index, k=k, label=label, order=order)
+        metrics.rows_returned.labels(ROUTE_TOP).inc(rows)
         return _json(body)
 
     @api.get("/v1/runs/{run}/summary", response_model=SummaryResponse, tags=["runs"],
@@ -283,4 +321,6 @@ def build_api(*, registry: RunRegistry, settings: ServeSettings, metrics: ServeM
         return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="raycurv lookup")
 
     app.include_router(api)
+    if token:
+        _document_bearer_auth(app)
     return app

@@ -78,7 +78,7 @@ def _load(path: str | Path) -> TableIndex:
 def read_sample(path: str | Path, *, sample_id: int) -> dict[str, Any]:
     """The answer of the sample route, read from the table at ``path`` without the service."""
     try:
-        return payloads.sample_payload(_load(path), sample_id)
+        return json.loads(payloads.sample_payload(_load(path), sample_id))
     except payloads.NotFound as exc:
         raise QueryError(str(exc)) from None
 
@@ -86,7 +86,7 @@ def read_sample(path: str | Path, *, sample_id: int) -> dict[str, Any]:
 def read_top(path: str | Path, *, k: int, label: int | None = None, order: Order = "desc"
              ) -> dict[str, Any]:
     """The answer of the top route, read from the table at ``path`` without the service."""
-    return payloads.top_payload(_load(path), k=k, label=label, order=order)
+    return json.loads(payloads.top_payload(_load(path), k=k, label=label, order=order)[0])
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

@@ -11,6 +11,7 @@ by sample_id, so a lookup is an index or a binary search and never a scan.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -20,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raycurv.table import COLUMNS, SCHEMA, read_metadata, read_scores
 
@@ -244,6 +246,17 @@ class TableIndex:
             clipped = self.sorted_positions[clipped]
         return np.where(found, clipped, -1)
 
+    def position_of(self, sample_id: int) -> int:
+        """Row position of one sample_id (-1 when absent), without array round trips."""
+        if self.identity_ids:
+            return sample_id if 0 <= sample_id < self.rows else -1
+        if not self.rows:
+            return -1
+        where = int(np.searchsorted(self.sorted_ids, sample_id))
+        if where >= self.rows or int(self.sorted_ids[where]) != sample_id:
+            return -1
+        return where if self.sorted_positions is None else int(self.sorted_positions[where])
+
     def sample_ids_at(self, positions: np.ndarray) -> np.ndarray:
         """sample_id of each row position."""
         if self.identity_ids:
@@ -259,26 +272,48 @@ class TableIndex:
             return 0, self.rows - 1
         return int(self.sorted_ids[0]), int(self.sorted_ids[-1])
 
-    def records(self, positions: np.ndarray) -> list[dict[str, Any]]:
-        """Rows at ``positions`` as dicts of JSON-ready values, in the order given.
-
-        Vectorized per column; non-finite floats become None; a null duplicate_of is None."""
-        positions = np.asarray(positions, dtype=np.int64)
-        values = []
+    def row_json(self, position: int) -> bytes:
+        """One row as a JSON object (floats in their shortest float32 form, like rows_json)."""
+        parts = []
         for name in COLUMNS:
             if name == "sample_id":
-                column = self.sample_ids_at(positions).tolist()
+                text = str(position if self.identity_ids else
+                           int(self.sample_ids_at(np.array([position]))[0]))
             else:
-                picked = self.columns[name][positions]
-                column = picked.tolist()
+                value = self.columns[name][position]
+                if name in FLOAT_COLUMNS:
+                    text = str(value) if math.isfinite(value) else "null"
+                elif name == "corrupted":
+                    text = "true" if value else "false"
+                elif name == "duplicate_of" and value < 0:
+                    text = "null"
+                else:
+                    text = str(int(value))
+            parts.append(f'"{name}":{text}')
+        return ("{" + ",".join(parts) + "}").encode()
+
+    def rows_json(self, positions: np.ndarray) -> bytes:
+        """Rows at ``positions`` as a JSON array, in the order given, built column-wise by Arrow
+        (no Python object per value). Non-finite floats and a null duplicate_of are null."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(positions) == 0:
+            return b"[]"
+        fields = []
+        for name in COLUMNS:
+            values = (self.sample_ids_at(positions) if name == "sample_id"
+                      else self.columns[name][positions])
+            array = pa.array(values)
+            if name == "corrupted":
+                text = pc.if_else(array, "true", "false")
+            else:
+                text = pc.cast(array, pa.string())
                 if name == "duplicate_of":
-                    column = [None if v < 0 else v for v in column]
+                    text = pc.if_else(pc.less(array, 0), "null", text)
                 elif name in self.nonfinite:
-                    bad = ~np.isfinite(picked)
-                    for i in np.flatnonzero(bad).tolist():
-                        column[i] = None
-            values.append(column)
-        return [dict(zip(COLUMNS, row, strict=True)) for row in zip(*values, strict=True)]
+                    text = pc.if_else(pc.is_finite(array), text, "null")
+            fields.append(pc.binary_join_element_wise(f'"{name}":', text, ""))
+        rows = pc.binary_join_element_wise(*fields, ",")
+        return ("[{" + "},{".join(rows.to_pylist()) + "}]").encode()
 
     def top(self, k: int, *, label: int | None = None, order: Order = "desc") -> tuple[np.ndarray, int]:
         """Positions of the ``k`` most ("desc", rank 1 first) or least ("asc") memorized samples,

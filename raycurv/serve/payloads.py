@@ -7,6 +7,7 @@ first, "asc" = least memorized first.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -38,37 +39,46 @@ def _describe_ids(index: TableIndex) -> str:
     return f"its {index.rows} sample ids span {span[0]}..{span[1]}"
 
 
-def sample_payload(index: TableIndex, sample_id: int) -> dict[str, Any]:
-    """One row: ``{"run", "sample"}``; raises NotFound when the table has no such sample."""
-    position = int(index.positions(np.array([sample_id], dtype=np.int64))[0])
+def _envelope(index: TableIndex, **fields: bytes) -> bytes:
+    """``{"run": ..., field: raw JSON, ...}`` without re-encoding the raw JSON parts."""
+    parts = [b'"run":' + json.dumps(index.run).encode()]
+    parts += [json.dumps(name).encode() + b":" + raw for name, raw in fields.items()]
+    return b"{" + b",".join(parts) + b"}"
+
+
+def sample_payload(index: TableIndex, sample_id: int) -> bytes:
+    """One row as JSON ``{"run", "sample"}``; raises NotFound when the table has no such sample."""
+    position = index.position_of(sample_id)
     if position < 0:
         raise NotFound(f"run {index.run!r} has no sample {sample_id}; {_describe_ids(index)}")
-    return {"run": index.run, "sample": index.records(np.array([position]))[0]}
+    return _envelope(index, sample=index.row_json(position))
 
 
-def lookup_payload(index: TableIndex, sample_ids: list[int]) -> dict[str, Any]:
-    """Rows of the ids that exist, in request order, and the ids that do not."""
+def lookup_payload(index: TableIndex, sample_ids: list[int]) -> tuple[bytes, int]:
+    """JSON rows of the ids that exist, in request order, and the ids that do not; and the
+    number of rows."""
     requested = np.asarray(sample_ids, dtype=np.int64)
     positions = index.positions(requested)
     found = positions >= 0
-    return {
-        "run": index.run,
-        "rows": index.records(positions[found]),
-        "missing": requested[~found].tolist(),
-    }
+    body = _envelope(index, rows=index.rows_json(positions[found]),
+                     missing=json.dumps(requested[~found].tolist()).encode())
+    return body, int(found.sum())
 
 
 def top_payload(index: TableIndex, *, k: int, label: int | None = None, order: Order = "desc"
-                ) -> dict[str, Any]:
-    """The ``k`` most (desc) or least (asc) memorized samples, optionally of one label."""
+                ) -> tuple[bytes, int]:
+    """JSON of the ``k`` most (desc) or least (asc) memorized samples, optionally of one label;
+    and the number of rows."""
     positions, total = index.top(k, label=label, order=order)
-    return {"run": index.run, "order": order, "label": label, "k": k, "total": total,
-            "rows": index.records(positions)}
+    body = _envelope(index, order=json.dumps(order).encode(), label=json.dumps(label).encode(),
+                     k=str(k).encode(), total=str(total).encode(),
+                     rows=index.rows_json(positions))
+    return body, len(positions)
 
 
-def summary_payload(index: TableIndex) -> dict[str, Any]:
-    """Distribution, per-label counts and detection metrics (see TableIndex.summary)."""
-    return index.summary()
+def summary_payload(index: TableIndex) -> bytes:
+    """Distribution, per-label counts and detection metrics (see TableIndex.summary) as JSON."""
+    return json.dumps(_finite(index.summary()), allow_nan=False).encode()
 
 
 def _finite(value: Any) -> Any:
@@ -99,7 +109,8 @@ def run_info(state: RunState) -> dict[str, Any]:
     }
 
 
-def runs_payload(registry: RunRegistry) -> dict[str, Any]:
-    """Every known run, by name."""
+def runs_payload(registry: RunRegistry) -> bytes:
+    """Every known run, by name, as JSON."""
     runs = registry.runs
-    return {"runs": [run_info(runs[name]) for name in sorted(runs)]}
+    return json.dumps({"runs": [run_info(runs[name]) for name in sorted(runs)]},
+                      allow_nan=False).encode()
