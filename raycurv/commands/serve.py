@@ -57,6 +57,13 @@ def run(args: argparse.Namespace) -> int:
     auth = "bearer token required" if settings.token else "no token (open)"
     print(f"raycurv serve: serving at {url} (ingress {args.ingress}, {settings.replicas} "
           f"replica(s), {auth}); Ctrl-C stops", flush=True)
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # stop cleanly under a process manager too
+    signal.signal(signal.SIGINT, interrupt)  # even where the shell started us ignoring SIGINT
     try:
         wait_forever()
     except KeyboardInterrupt:

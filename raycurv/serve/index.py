@@ -11,6 +11,7 @@ by sample_id, so a lookup is an index or a binary search and never a scan.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import threading
@@ -190,8 +191,11 @@ class TableIndex:
         file_path = path / "scores.parquet" if path.is_dir() else path
         stamp = FileStamp.of(file_path)
         table = read_scores(file_path, memory_map=True)
-        return cls.from_table(table, run=run or _run_name(file_path), path=file_path, stamp=stamp,
-                              started=started)
+        index = cls.from_table(table, run=run or _run_name(file_path), path=file_path,
+                               stamp=stamp, started=started)
+        del table
+        release_freed_memory()
+        return index
 
     @classmethod
     def from_table(cls, table: pa.Table, *, run: str, path: Path, stamp: FileStamp | None = None,
@@ -379,6 +383,16 @@ class TableIndex:
             "by_label": by_label,
             "detection": detections,
         }
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed after a load (Arrow's decoded table, validation temporaries) back to
+    the operating system, so a replica's resident size tracks the index, not the load's peak."""
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _run_name(file_path: Path) -> str:

@@ -20,7 +20,7 @@ INGRESS_ENV: dict[str, dict[str, str]] = {
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
     "haproxy-throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
 }
-DEFAULT_INGRESS = "haproxy"
+DEFAULT_INGRESS = "haproxy-throughput"  # won bench/serve_load.py (see README)
 
 
 def ingress_env(ingress: str) -> dict[str, str]:

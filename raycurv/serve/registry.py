@@ -17,9 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 
-import pyarrow as pa
-
-from raycurv.serve.index import FileStamp, TableIndex
+from raycurv.serve.index import FileStamp, TableIndex, release_freed_memory
 from raycurv.serve.metrics import ServeMetrics
 from raycurv.table import SCORES_FILE, TableError
 
@@ -139,7 +137,7 @@ class RunRegistry:
         except Exception as exc:  # noqa: BLE001 - any failure to load refuses the file
             return self._refuse(state, key, f"cannot load {state.file}: {type(exc).__name__}: {exc}")
         finally:
-            pa.default_memory_pool().release_unused()
+            release_freed_memory()
         if self._metrics:
             self._metrics.table_loads.labels(state.name).inc()
             self._metrics.table_rows.labels(state.name).set(index.rows)
