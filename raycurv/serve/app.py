@@ -4,8 +4,6 @@
 builder behind ``serve run deploy/serve.yaml``.
 """
 
-from __future__ import annotations
-
 import logging
 
 from fastapi import FastAPI
@@ -55,4 +53,5 @@ def build_app(settings: ServeSettings) -> Application:
 def app_builder(args: ServeSettings) -> Application:
     """Typed builder for ``serve run deploy/serve.yaml``: Serve validates the YAML ``args`` into
     ServeSettings; the token may instead come from $RAYCURV_SERVE_TOKEN."""
-    return build_app(with_env_token(args))
+    settings = args if isinstance(args, ServeSettings) else ServeSettings.model_validate(args)
+    return build_app(with_env_token(settings))
