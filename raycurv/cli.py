@@ -15,6 +15,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "score": ("score", "train a network on Ray and score every sample's curvature"),
     "evaluate": ("evaluate", "detection and agreement metrics of a stored run"),
     "sweep": ("sweep", "Ray Tune sweep over noise rates x h (x probes, variants, seeds, settings)"),
+    "serve": ("serve", "the lookup service: per-sample memorization queries over HTTP"),
+    "query": ("query", "one sample or the top k of a run, from the service or a table"),
 }
 
 

@@ -1,0 +1,326 @@
+"""The FastAPI application of the lookup API (contract v1), independent of Ray Serve.
+
+Routes answer from the registry's current snapshot; a background task re-checks the run folders
+every ``reload_interval_s``. Client mistakes get a one-line ``detail`` and a 4xx: 401 without the
+bearer token, 404 for an unknown run or sample (naming what exists), 413 for an oversized body,
+422 for malformed input (naming the limit when a batch is too large). Never a 500 for input.
+
+Scores: higher curvature = more memorized; rank 1 = highest curvature.
+"""
+
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raycurv import __version__
+from raycurv.serve import payloads
+from raycurv.serve.metrics import CONTENT_TYPE, ServeMetrics
+from raycurv.serve.models import (
+    MAX_BATCH,
+    MAX_K,
+    MAX_SAMPLE_ID,
+    ErrorResponse,
+    HealthResponse,
+    LookupRequest,
+    LookupResponse,
+    RunsResponse,
+    SampleResponse,
+    SummaryResponse,
+    TopResponse,
+    ValidationErrorResponse,
+)
+from raycurv.serve.registry import RunRegistry
+from raycurv.serve.settings import ServeSettings
+
+MAX_BODY_BYTES = 1 << 20  # a full batch of 10,000 int64 ids is < 200 KiB of JSON
+INT32_MAX = 2**31 - 1
+
+ROUTE_SAMPLE = "/v1/runs/{run}/samples/{sample_id}"
+ROUTE_LOOKUP = "/v1/runs/{run}/samples:lookup"
+ROUTE_TOP = "/v1/runs/{run}/top"
+
+DESCRIPTION = """Per-sample memorization scores of raycurv runs.
+
+Higher `curvature` = more memorized; `rank` 1 = the highest curvature; `percentile` = share of
+samples with strictly lower curvature. Tables are reloaded when their file is replaced."""
+
+
+def _json(body: bytes, *, status_code: int = 200) -> Response:
+    """A JSON body the payload builders made from a validated table (no re-validation; the
+    shapes are the documented response models, which the tests check)."""
+    return Response(body, status_code=status_code, media_type="application/json")
+
+
+def _error(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": " ".join(detail.split())}, status_code=status_code,
+                        headers=headers)
+
+
+def _unauthorized(reason: str) -> JSONResponse:
+    return _error(401, f"{reason} bearer token (send Authorization: Bearer <token>)",
+                  headers={"WWW-Authenticate": "Bearer"})
+
+
+class ObserveMiddleware:
+    """In front of every route: checks the bearer token (all routes but /healthz), refuses
+    oversized bodies (413), counts requests by route template and status, times them, and adds
+    a Server-Timing header (time inside the app until the response starts). Requests refused
+    before routing are counted under the route "unmatched"."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], *, metrics: ServeMetrics,
+                 token: str | None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.expected = token.encode() if token else None
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def _refusal(self, scope: dict) -> Response | None:
+        """A 401 or 413 answer for a request that must not reach the routes, else None."""
+        headers = dict(scope.get("headers") or [])
+        if self.expected is not None:
+            path = scope.get("path", "")
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root):]
+            if path != "/healthz":
+                given = headers.get(b"authorization", b"")
+                scheme, _, credentials = given.partition(b" ")
+                if not given:
+                    return _unauthorized("missing")
+                if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(),
+                                                                          self.expected):
+                    return _unauthorized("wrong")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return _error(413, f"request body of {int(length)} bytes exceeds the limit of "
+                               f"{MAX_BODY_BYTES} bytes")
+        return None
+
+    def _observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.metrics.requests.labels(route, method, str(status)),
+                        self.metrics.latency.labels(route))
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_timed(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                headers = [*message.get("headers", []),
+                           (b"server-timing", f"app;dur={elapsed_ms:.3f}".encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send_timed)
+            else:
+                await self.app(scope, receive, send_timed)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self._observe(route, scope.get("method", ""), status, time.perf_counter() - started)
+
+
+def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
+    """One line for a 422, and the list of individual problems."""
+    issues = []
+    for err in exc.errors():
+        loc = [p if isinstance(p, int) else str(p) for p in err.get("loc", ())]
+        issues.append({"loc": loc, "msg": " ".join(str(err.get("msg", "invalid")).split())})
+    if not issues:
+        return "invalid request", []
+    first = issues[0]
+    detail = f"{'.'.join(str(p) for p in first['loc']) or 'request'}: {first['msg']}"
+    if any(err.get("type") == "too_long" and tuple(err.get("loc", ()))[-1:] == ("sample_ids",)
+           for err in exc.errors()):
+        detail += f" (a lookup takes at most {MAX_BATCH} sample ids per request)"
+    if len(issues) > 1:
+        detail += f" (and {len(issues) - 1} more)"
+    return detail, issues
+
+
+def _document_bearer_auth(app: FastAPI) -> None:
+    """Declare the bearer token in the OpenAPI document (ObserveMiddleware enforces it)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "the service's bearer token"}}
+            for path, operations in schema["paths"].items():
+                if path != "/healthz":
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+async def _reload_loop(registry: RunRegistry, interval_s: float, log: logging.Logger) -> None:
+    """Re-check the run folders every ``interval_s`` seconds, loading off the event loop."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            for change in await asyncio.to_thread(registry.refresh):
+                log.info("reload: %s", change)
+        except Exception:  # noqa: BLE001 - the loop must outlive any one failure
+            log.exception("reload check failed")
+
+
+def build_api(*, registry: RunRegistry, settings: ServeSettings, metrics: ServeMetrics,
+              reload: bool = True, log: logging.Logger | None = None) -> FastAPI:
+    """The lookup API over ``registry``; ``reload`` starts the periodic re-check on startup."""
+    log = log or logging.getLogger("raycurv.serve")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = (asyncio.create_task(_reload_loop(registry, settings.reload_interval_s, log))
+                if reload else None)
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    app = FastAPI(title="raycurv lookup", version=__version__, description=DESCRIPTION,
+                  lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    token = settings.token.get_secret_value() if settings.token else None
+    app.add_middleware(ObserveMiddleware, metrics=metrics, token=token)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        detail, issues = _validation_detail(exc)
+        return JSONResponse({"detail": detail, "errors": issues}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # an unparseable body is malformed input, like any other
+            detail = f"body: {exc.detail} (send JSON like {{\"sample_ids\": [1, 2]}})"
+            return JSONResponse({"detail": detail, "errors": [{"loc": ["body"], "msg": detail}]},
+                                status_code=422)
+        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(payloads.NotFound)
+    async def on_not_found(_: Request, exc: payloads.NotFound) -> JSONResponse:
+        return _error(404, str(exc))
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s %s: %r", request.method, request.url.path, exc)
+        return _error(500, "internal error; the service log has the details")
+
+    unauthorized = {401: {"model": ErrorResponse, "description": "missing or wrong bearer token"}}
+    api = APIRouter(responses=unauthorized if token else {})
+    not_found = {404: {"model": ErrorResponse, "description": "unknown run or sample"}}
+    invalid = {422: {"model": ValidationErrorResponse, "description": "malformed request"}}
+
+    @app.get("/healthz", response_model=HealthResponse, tags=["service"],
+             responses={503: {"model": HealthResponse, "description": "no table loaded yet"}})
+    async def healthz() -> JSONResponse:
+        """Ready (200) once at least one table is loaded; 503 before. Needs no token."""
+        loaded = registry.loaded()
+        body = {"status": "ok" if loaded else "loading", "runs_loaded": loaded}
+        return JSONResponse(body, status_code=200 if loaded else 503)
+
+    @api.get("/v1/runs", response_model=RunsResponse, tags=["runs"])
+    async def list_runs() -> Response:
+        """Runs served, with their table's metadata and reload state."""
+        return _json(payloads.runs_payload(registry))
+
+    @api.get(ROUTE_SAMPLE, response_model=SampleResponse, tags=["runs"],
+             responses={**not_found, **invalid})
+    async def get_sample(
+        run: str,
+        sample_id: Annotated[int, Path(ge=0, le=MAX_SAMPLE_ID, description="sample_id to look up")],
+    ) -> Response:
+        """One sample's row: its curvature (higher = more memorized), rank (1 = highest), ..."""
+        index = payloads.resolve(registry, run)
+        body = payloads.sample_payload(index, sample_id)
+        metrics.rows_returned.labels(ROUTE_SAMPLE).inc()
+        return _json(body)
+
+    @api.post(ROUTE_LOOKUP, response_model=LookupResponse, tags=["runs"],
+              responses={**not_found, **invalid,
+                         413: {"model": ErrorResponse, "description": "body too large"}})
+    async def lookup(run: str, request: LookupRequest) -> Response:
+        """Rows for up to 10,000 sample ids, in request order; unknown ids come back in
+        ``missing``."""
+        index = payloads.resolve(registry, run)
+        body, rows = payloads.lookup_payload(index, request.sample_ids)
+        metrics.rows_returned.labels(ROUTE_LOOKUP).inc(rows)
+        return _json(body)
+
+    @api.get(ROUTE_TOP, response_model=TopResponse, tags=["runs"],
+             responses={**not_found, **invalid})
+    async def top(
+        run: str,
+        k: Annotated[int, Query(ge=1, le=MAX_K, description="rows to return")] = 10,
+        label: Annotated[int | None, Query(ge=0, le=INT32_MAX,
+                                           description="only samples trained with this label")] = None,
+        order: Annotated[Literal["desc", "asc"], Query(
+            description="desc: most memorized (rank 1) first; asc: least memorized first")] = "desc",
+    ) -> Response:
+        """The k most (or least) memorized samples, optionally of one label."""
+        index = payloads.resolve(registry, run)
+        body, rows = payloads.top_payload(index, k=k, label=label, order=order)
+        metrics.rows_returned.labels(ROUTE_TOP).inc(rows)
+        return _json(body)
+
+    @api.get("/v1/runs/{run}/summary", response_model=SummaryResponse, tags=["runs"],
+             responses=not_found)
+    async def summary(run: str) -> Response:
+        """Score distribution, per-label counts, and how well curvature and csl find the
+        injected noisy labels and duplicates (where the run injected them)."""
+        index = payloads.resolve(registry, run)
+        body = await asyncio.to_thread(payloads.summary_payload, index)
+        return _json(body)
+
+    @api.get("/metrics", response_model=None, tags=["service"],
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition"}})
+    async def prometheus() -> Response:
+        """Request, latency, row and table metrics of this replica, in Prometheus text format."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="raycurv lookup")
+
+    app.include_router(api)
+    if token:
+        _document_bearer_auth(app)
+    return app

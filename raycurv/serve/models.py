@@ -1,0 +1,178 @@
+"""Typed request and response models of the lookup API (contract v1).
+
+Direction of the scores: higher ``curvature`` = more memorized; ``rank`` 1 = highest curvature;
+``percentile`` = share of samples with strictly lower curvature, in [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+MAX_BATCH = 10_000  # sample ids per lookup request
+MAX_K = 10_000  # rows per top-k request
+MAX_SAMPLE_ID = 2**53 - 1  # the largest integer every JSON client reads exactly
+
+
+
+def _json_integer(value: Any) -> Any:
+    """A JSON number with no fractional part (1 and 1.0, as JSON Schema's "integer"); never a
+    string or a boolean."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("a sample id must be a JSON integer")
+    return value
+
+
+SampleId = Annotated[int, Field(ge=0, le=MAX_SAMPLE_ID, description="a sample_id, 0 to 2**53-1"),
+                     BeforeValidator(_json_integer)]
+
+
+class SampleRow(BaseModel):
+    """One row of a score table."""
+
+    sample_id: int = Field(description="index of the sample in the dataset's canonical order")
+    label: int = Field(description="label the model was trained on (after injected noise)")
+    original_label: int = Field(description="label before injected noise")
+    corrupted: bool = Field(description="the label was changed by injected noise")
+    duplicate_of: int | None = Field(description="for an injected duplicate, the sample it copies")
+    curvature: float = Field(description="mean per-epoch input-loss curvature; higher = more memorized")
+    epochs_scored: int = Field(description="epochs that went into the mean")
+    csl: float | None = Field(description="cumulative training loss over epochs; higher = more memorized")
+    final_loss: float | None = Field(description="loss of the last model on the trained label")
+    final_confidence: float | None = Field(description="confidence of the last model in the trained label")
+    final_pred: int = Field(description="prediction of the last model")
+    rank: int = Field(description="1 = highest curvature (most memorized)")
+    percentile: float = Field(description="share of samples with strictly lower curvature, in [0, 1]")
+
+
+class LookupRequest(BaseModel):
+    """Sample ids to look up in one run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sample_ids: list[SampleId] = Field(
+        min_length=1, max_length=MAX_BATCH,
+        description=f"1 to {MAX_BATCH} sample ids; rows come back in this order",
+    )
+
+
+class HealthResponse(BaseModel):
+    """Readiness: ok once at least one table is loaded."""
+
+    status: Literal["ok", "loading"]
+    runs_loaded: int
+
+
+class RunInfo(BaseModel):
+    """A served run: its table's state, reload history and metadata."""
+
+    name: str
+    path: str = Field(description="the score table file")
+    status: Literal["serving", "failed"] = Field(
+        description="serving: a table answers queries; failed: no table could be loaded yet")
+    rows: int | None
+    loaded_at: float | None = Field(description="Unix time the served table was loaded")
+    load_seconds: float | None
+    loads: int = Field(description="tables loaded for this run since start")
+    reload_failures: int = Field(description="table versions refused since start")
+    last_error: str | None = Field(
+        description="why the newest file was refused (the previous table keeps serving)")
+    metadata: dict[str, Any] = Field(description="the table's raycurv schema metadata")
+
+
+class RunsResponse(BaseModel):
+    """Every run the service knows about."""
+
+    runs: list[RunInfo]
+
+
+class SampleResponse(BaseModel):
+    """One sample of one run."""
+
+    run: str
+    sample: SampleRow
+
+
+class LookupResponse(BaseModel):
+    """Rows for the requested ids that exist (in request order), and those that do not."""
+
+    run: str
+    rows: list[SampleRow]
+    missing: list[int] = Field(description="requested ids the table does not have")
+
+
+class TopResponse(BaseModel):
+    """The k most (order=desc) or least (order=asc) memorized samples."""
+
+    run: str
+    order: Literal["desc", "asc"]
+    label: int | None
+    k: int
+    total: int = Field(description="samples matching the label filter (all when no filter)")
+    rows: list[SampleRow]
+
+
+class Stats(BaseModel):
+    """Distribution of one score column (nearest-rank quantiles)."""
+
+    min: float
+    max: float
+    mean: float
+    std: float
+    quantiles: dict[str, float]
+
+
+class LabelSummary(BaseModel):
+    """Samples trained with one label."""
+
+    label: int
+    count: int
+    corrupted: int
+    mean_curvature: float
+
+
+class Detection(BaseModel):
+    """How well a score (higher = more memorized) finds the known-bad samples of the run."""
+
+    target: Literal["corrupted", "duplicate"]
+    score: Literal["curvature", "csl"]
+    positives: int
+    auroc: float
+    average_precision: float
+    precision_at_k: float = Field(description="precision among the top k, k = positives")
+
+
+class SummaryResponse(BaseModel):
+    """Score distribution, per-label counts, and detection metrics where the truth is known."""
+
+    run: str
+    rows: int
+    classes: int
+    epochs_scored: int | None
+    corrupted: int
+    duplicates: int
+    curvature: Stats | None
+    csl: Stats | None
+    by_label: list[LabelSummary]
+    detection: list[Detection]
+
+
+class ErrorResponse(BaseModel):
+    """A client error, explained in one line."""
+
+    detail: str
+
+
+class ValidationIssue(BaseModel):
+    """One invalid part of a request."""
+
+    loc: list[str | int]
+    msg: str
+
+
+class ValidationErrorResponse(BaseModel):
+    """A malformed request (422): one line, and the individual problems."""
+
+    detail: str
+    errors: list[ValidationIssue]
