@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from raycurv import storage
-from raycurv.config import ScoreSpec, load_yaml, merge
+from raycurv.config import EstimatorSpec, ScoreSpec, load_yaml, merge
 from raycurv.errors import UsageError
 
 # axis name -> dotted path in ScoreSpec; "train.*" settings are axes too, by their field name
@@ -99,6 +99,11 @@ def load_sweep(data: dict[str, Any], sweep_dir: str) -> SweepSpec:
         _axis_path(axis)
         if not isinstance(values, list) or not values:
             raise UsageError(f"sweep axis {axis!r} has no values")
+        for value in values if axis in SCORING_AXES else ():
+            try:
+                EstimatorSpec(**{axis: value})
+            except ValidationError as exc:
+                raise UsageError(f"sweep axis {axis!r}, value {value!r}: {exc.errors()[0]['msg']}") from None
     for point in training_points(sweep):
         try:
             trial_spec(sweep, point, sweep_dir)

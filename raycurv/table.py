@@ -95,6 +95,7 @@ def atomic_write_parquet(table: pa.Table, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a service under another user must read it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -136,6 +137,14 @@ def read_scores(path: str | os.PathLike, *, memory_map: bool = True) -> pa.Table
     return table
 
 
+def _unique(ids: np.ndarray) -> bool:
+    """No repeated value; O(N) for the usual strictly increasing ids, else one sort."""
+    if len(ids) < 2 or np.all(ids[1:] > ids[:-1]):
+        return True
+    ordered = np.sort(ids)
+    return not np.any(ordered[1:] == ordered[:-1])
+
+
 def validate_table(table: pa.Table) -> dict[str, Any]:
     """Check a table against contract v1; returns its metadata. Raises TableError."""
     missing = [name for name in COLUMNS if name not in table.column_names]
@@ -151,7 +160,7 @@ def validate_table(table: pa.Table) -> dict[str, Any]:
     if meta.get("table_version") != TABLE_VERSION:
         raise TableError(f"table version {meta.get('table_version')!r}, expected {TABLE_VERSION}")
     ids = table.column("sample_id").to_numpy()
-    if len(np.unique(ids)) != len(ids):
+    if not _unique(ids):
         raise TableError("sample_id values are not unique")
     if len(ids) and ids.min() < 0:
         raise TableError("negative sample_id")
