@@ -79,8 +79,8 @@ class ShardScorer:
         for a, b in scoring_batches(s.start, s.stop, s.batch_size):
             lo, hi = a - s.start, b - s.start
             x = to_input(self.images[lo:hi], scale=s.scale, mean=s.mean, std=s.std, device=self.device)
-            y = torch.as_tensor(self.labels[lo:hi], device=self.device)
-            ids = torch.as_tensor(self.sample_ids[lo:hi], device=self.device)
+            y = torch.tensor(self.labels[lo:hi], device=self.device)  # copies: read-only arrays
+            ids = torch.tensor(self.sample_ids[lo:hi], device=self.device)
             out = self._score_batch(x, y, ids, epoch, lo, hi)
             if epoch >= self.final["epoch"]:
                 self.final["loss"][lo:hi] = out.loss.cpu().numpy()

@@ -32,13 +32,13 @@ def _table(run_dir: Path):
 
 
 def test_two_workers_two_actors_score_every_sample_every_epoch(ray_cluster, digits_flags, tmp_path):
-    run_dir = tmp_path / "ddp"
-    assert main(["score", *digits_flags, "--workers", "2", "--actors", "2", "--run-dir", str(run_dir)]) == 0
+    run_dir = tmp_path / "ddp"  # given as a URI: the run folder goes through pyarrow's filesystems
+    assert main(["score", *digits_flags, "--workers", "2", "--actors", "2",
+                 "--run-dir", run_dir.as_uri()]) == 0
     df = _table(run_dir).to_pandas()
     epochs = int(digits_flags[digits_flags.index("--epochs") + 1])
     assert len(df) == 600 and (df["epochs_scored"] == epochs).all()
     assert np.isfinite(df["csl"]).all() and (df["csl"] > 0).all()
-    # csl sums one training loss per epoch: at least the smallest possible per-epoch loss sum
     per_epoch = pq.read_table(run_dir / "curvature_by_epoch.parquet").to_pandas()
     assert per_epoch.groupby("sample_id").size().eq(epochs).all()
     assert not (run_dir / "epochs").exists() or not os.listdir(run_dir / "epochs")
@@ -96,3 +96,30 @@ def test_stopped_driver_resumes_when_the_command_runs_again(digits_run, digits_f
     assert not (run_dir / "scores.parquet").exists()
     assert main(["score", *digits_flags, "--run-dir", str(run_dir)]) == 0
     assert_same_scores(_table(digits_run), _table(run_dir))
+
+
+def _scrape_ray_metrics() -> str:
+    import urllib.request
+
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def test_run_metrics_are_exported_through_ray(digits_run):
+    """Ray's metrics agent exports what the workers and actors record (every ~10 s)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {"ray_raycurv_train_epoch", "ray_raycurv_train_loss", "ray_raycurv_scoring_lag_epochs",
+              "ray_raycurv_scored_samples", "ray_raycurv_scoring_samples_per_second"}
+    deadline, samples = time.time() + 60, {}
+    while time.time() < deadline and not wanted <= set(samples):
+        samples = {f.name: f.samples for f in text_string_to_metric_families(_scrape_ray_metrics())
+                   if f.name.startswith("ray_raycurv")}
+        time.sleep(2)
+    assert wanted <= set(samples), sorted(samples)
+    epochs = [s.value for s in samples["ray_raycurv_train_epoch"] if s.labels.get("run") == "digits"]
+    assert 4.0 in epochs
+    assert any(s.labels.get("shard") == "0" for s in samples["ray_raycurv_scoring_samples_per_second"])
