@@ -13,7 +13,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
-from serve_support import make_table, run_app, write_run
+from tests.serve_support import make_table, run_app, write_run
 
 from raycurv.cli import main
 from raycurv.serve.models import MAX_BATCH

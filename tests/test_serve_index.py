@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
-from serve_support import make_table, write_run
+from tests.serve_support import make_table, write_run
 
 from raycurv.cli import main
 from raycurv.serve import payloads
