@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -143,7 +144,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics["scoring_lag"] = len(pending)
             checkpoint = _checkpoint(model, opt, sched, epoch)
             record_epoch(spec.run_name, metrics)
-            print(_progress_line(metrics, t.epochs), flush=True)
+            # to the process's own stdout: Ray Train's patched print would log it and echo it
+            print(_progress_line(metrics, t.epochs), file=sys.__stdout__, flush=True)
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)  # persisted by report
