@@ -18,6 +18,7 @@ def ensure_ray(address: str | None = None, *, cpus_needed: float = 1.0) -> None:
     if ray.is_initialized():
         return
     kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "log_to_driver": True}
+    address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job
     if address:
         try:
             ray.init(address=address, **kwargs)

@@ -13,11 +13,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
-from tests.serve_support import make_table, run_app, write_run
 
 from raycurv.cli import main
 from raycurv.serve.models import MAX_BATCH
 from raycurv.serve.settings import build_settings
+from tests.serve_support import make_table, run_app, write_run
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
-from tests.serve_support import make_table, write_run
 
 from raycurv.cli import main
 from raycurv.serve import payloads
@@ -17,6 +16,7 @@ from raycurv.serve.index import TableIndex, auroc
 from raycurv.serve.metrics import build_metrics
 from raycurv.serve.registry import RunRegistry
 from raycurv.serve.settings import ServeSettings
+from tests.serve_support import make_table, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

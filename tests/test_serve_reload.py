@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tests.serve_support import make_table, run_app, wait_until, write_run
 
 from raycurv.serve.settings import build_settings
 from raycurv.table import SCORES_FILE, atomic_write_parquet
+from tests.serve_support import make_table, run_app, wait_until, write_run
 
 INTERVAL_S = 0.5
 
