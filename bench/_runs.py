@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import tempfile
 import time
@@ -30,3 +31,13 @@ def start_ray(cpus: int) -> None:
     import ray
 
     ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+
+
+def run_args(doc: str) -> argparse.Namespace:
+    """Flags shared by the run-level benchmarks."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--reps", type=int, default=2, help="alternating repetitions of each side")
+    return parser.parse_args()

@@ -11,7 +11,6 @@ training GPU, the target is a scoring run within 1.3x of training alone.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -19,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from bench._runs import spec, start_ray, timed
+from bench._runs import run_args, spec, start_ray, timed
 from raycurv.actors import ShardScorer, ShardSpec
 from raycurv.data import prepare_dataset
 from raycurv.models import build_model
@@ -50,12 +49,7 @@ def scoring_alone(run_spec) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--reps", type=int, default=2)
-    args = parser.parse_args()
+    args = run_args(__doc__)
     base = {"data": {"dataset": args.dataset, "limit": args.limit},
             "train": {"epochs": args.epochs}, "curvature": {"actor_cpus": 1.0}}
     start_ray(cpus=2)

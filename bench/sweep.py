@@ -9,23 +9,17 @@ target is <= 1.3x the single-h run's wall time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 
-from bench._runs import spec, start_ray, timed
+from bench._runs import run_args, spec, start_ray, timed
 from raycurv.run import score_run
 
 H_VALUES = (0.003, 0.01, 0.03, 0.1)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--reps", type=int, default=2)
-    args = parser.parse_args()
+    args = run_args(__doc__)
     base = {"data": {"dataset": args.dataset, "limit": args.limit}, "train": {"epochs": args.epochs}}
     four = {"h": H_VALUES[0], "also": [{"h": h} for h in H_VALUES[1:]]}
     start_ray(cpus=2)

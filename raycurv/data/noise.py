@@ -5,27 +5,24 @@ from __future__ import annotations
 import numpy as np
 
 
+def _choose(labels: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """Exactly round(rate * N) distinct positions, chosen uniformly."""
+    return rng.choice(len(labels), size=int(round(rate * len(labels))), replace=False)
+
+
 def symmetric_noise(labels: np.ndarray, *, rate: float, num_classes: int,
                     rng: np.random.Generator) -> np.ndarray:
     """Flip exactly round(rate * N) labels, each to a uniformly chosen *different* class."""
-    labels = labels.copy()
-    count = int(round(rate * len(labels)))
-    if count == 0 or num_classes < 2:
-        return labels
-    chosen = rng.choice(len(labels), size=count, replace=False)
+    labels, chosen = labels.copy(), _choose(labels, rate, rng)
     # Adding 1..C-1 (mod C) reaches every other class with equal probability, never the same.
-    labels[chosen] = (labels[chosen] + rng.integers(1, num_classes, size=count)) % num_classes
+    labels[chosen] = (labels[chosen] + rng.integers(1, num_classes, size=len(chosen))) % num_classes
     return labels
 
 
 def pairwise_noise(labels: np.ndarray, *, rate: float, num_classes: int,
                    rng: np.random.Generator) -> np.ndarray:
     """Flip exactly round(rate * N) labels from class k to class k + 1 (mod C)."""
-    labels = labels.copy()
-    count = int(round(rate * len(labels)))
-    if count == 0 or num_classes < 2:
-        return labels
-    chosen = rng.choice(len(labels), size=count, replace=False)
+    labels, chosen = labels.copy(), _choose(labels, rate, rng)
     labels[chosen] = (labels[chosen] + 1) % num_classes
     return labels
 
