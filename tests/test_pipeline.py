@@ -52,14 +52,16 @@ def test_killed_training_worker_resumes_from_its_checkpoint(digits_run, digits_f
     assert_same_scores(_table(digits_run), _table(run_dir))
 
 
-def _alive_actor_pids() -> list[int]:
+def _alive_actor_pids(address: str) -> list[int]:
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "CurvatureActor"), ("state", "=", "ALIVE")])
+    actors = list_actors(address=address,
+                         filters=[("class_name", "=", "CurvatureActor"), ("state", "=", "ALIVE")])
     return [a.pid for a in actors if a.pid]
 
 
-def test_killed_curvature_actor_restarts_without_losing_or_double_counting(digits_run, digits_flags, tmp_path):
+def test_killed_curvature_actor_restarts_without_losing_or_double_counting(digits_run, digits_flags, ray_cluster,
+                                                                            tmp_path):
     run_dir = tmp_path / "actor-killed"
     errors: list[BaseException] = []
 
@@ -74,7 +76,7 @@ def test_killed_curvature_actor_restarts_without_losing_or_double_counting(digit
     deadline = time.time() + 120
     while time.time() < deadline and not (run_dir / "shards" / "shard-0001.npz").exists():
         time.sleep(0.2)
-    pids = _alive_actor_pids()
+    pids = _alive_actor_pids(ray_cluster)
     assert pids, "no curvature actor found to kill"
     os.kill(pids[-1], signal.SIGKILL)
     driver.join(timeout=300)
