@@ -14,6 +14,7 @@ from raycurv.errors import UsageError
 VERBS: dict[str, tuple[str, str]] = {
     "score": ("score", "train a network on Ray and score every sample's curvature"),
     "evaluate": ("evaluate", "detection and agreement metrics of a stored run"),
+    "reference": ("reference", "Feldman-Zhang memorization estimate from many subset-trained models"),
 }
 
 
