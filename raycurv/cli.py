@@ -15,6 +15,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "score": ("score", "train a network on Ray and score every sample's curvature"),
     "evaluate": ("evaluate", "detection and agreement metrics of a stored run"),
     "reference": ("reference", "Feldman-Zhang memorization estimate from many subset-trained models"),
+    "report": ("report", "figures and an HTML gallery of a run's most memorized samples"),
 }
 
 
