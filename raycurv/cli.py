@@ -17,6 +17,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "sweep": ("sweep", "Ray Tune sweep over noise rates x h (x probes, variants, seeds, settings)"),
     "serve": ("serve", "the lookup service: per-sample memorization queries over HTTP"),
     "query": ("query", "one sample or the top k of a run, from the service or a table"),
+    "reference": ("reference", "Feldman-Zhang memorization estimate from many subset-trained models"),
+    "report": ("report", "figures and an HTML gallery of a run's most memorized samples"),
 }
 
 

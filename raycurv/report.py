@@ -1,0 +1,350 @@
+"""The visual report of a run: PNG figures and an HTML gallery of the most memorized samples, in
+one self-contained folder (relative links only, no scripts, nothing fetched from the network), so
+it opens offline in any browser.
+
+Figures (higher curvature = more memorized throughout):
+  histogram.png   curvature of clean samples, corrupted labels and injected duplicates (log x)
+  roc.png         ROC of curvature, csl and final loss for the corrupted labels and injected
+                  duplicates (only where the run injected them, so the truth is known)
+  csl.png         curvature against csl, per sample (log-log)
+  per_class.png   curvature per given label (box plots)
+  epochs.png      per-epoch curvature of the 10 highest-ranked samples against the median and
+                  10-90 % band of all samples (needs curvature_by_epoch.parquet)
+  reference.png   curvature against a Feldman-Zhang reference's mem (with --reference)
+index.html: the run's settings, its metrics, the figures, and the top samples in rank order
+(image, given label, original label, prediction, curvature, csl, duplicate group).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raycurv.errors import UsageError
+from raycurv.evaluate import load_run_table
+
+REPORT_DIR = "report"
+CLASS_NAMES = {
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                "truck"),
+}
+COLORS = {"clean": "#4c72b0", "corrupted": "#dd5151", "duplicate": "#e39b22"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path.name
+
+
+def _groups(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Masks (N,) of the sample kinds present: clean, corrupted, duplicate (injected copies)."""
+    dup = cols["duplicate_of"] >= 0
+    out = {"clean": ~cols["corrupted"] & ~dup, "corrupted": cols["corrupted"], "duplicate": dup}
+    return {k: v for k, v in out.items() if v.any()}
+
+
+def _log_bins(values: np.ndarray, count: int = 60) -> np.ndarray:
+    positive = values[values > 0]
+    low = positive.min() if len(positive) else 1e-6
+    high = max(values.max(), low * 10)
+    return np.geomspace(low, high, count)
+
+
+def histogram_figure(cols: dict[str, np.ndarray], path: Path) -> str:
+    """Histogram of curvature per kind of sample (clean / corrupted / duplicate), log x."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    bins = _log_bins(cols["curvature"])
+    for kind, mask in _groups(cols).items():
+        ax.hist(np.maximum(cols["curvature"][mask], bins[0]), bins=bins, alpha=0.6,
+                color=COLORS[kind], label=f"{kind} ({int(mask.sum())})")
+    ax.set(xscale="log", yscale="log", xlabel="curvature (higher = more memorized)",
+           ylabel="samples", title="Curvature by kind of sample")
+    ax.legend()
+    return _save(fig, path)
+
+
+def roc_figure(cols: dict[str, np.ndarray], path: Path) -> str | None:
+    """ROC curves of every score for the known targets; None when no noise was injected."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from raycurv.evaluate import SCORES
+
+    clean = ~cols["corrupted"]
+    targets = [(name, mask, target) for name, mask, target in (
+        ("corrupted labels", np.ones_like(clean), cols["corrupted"]),
+        ("injected duplicates (vs clean)", clean, cols["duplicate_of"] >= 0))
+        if target[mask].any() and not target[mask].all()]
+    if not targets:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.6 * len(targets), 4.2), squeeze=False)
+    for ax, (name, mask, target) in zip(axes[0], targets, strict=True):
+        for score in SCORES:
+            fpr, tpr, _ = roc_curve(target[mask], cols[score][mask])
+            auc = roc_auc_score(target[mask], cols[score][mask])
+            ax.plot(fpr, tpr, label=f"{score} (AUROC {auc:.3f})")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"Finding {name}")
+        ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def csl_figure(cols: dict[str, np.ndarray], path: Path) -> str:
+    """Scatter of curvature against csl (cumulative training loss), per kind, log-log."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    floor = _log_bins(cols["curvature"])[0]
+    for kind, mask in _groups(cols).items():
+        ax.scatter(np.maximum(cols["csl"][mask], 1e-6), np.maximum(cols["curvature"][mask], floor),
+                   s=6, alpha=0.5, color=COLORS[kind], label=kind, linewidths=0)
+    ax.set(xscale="log", yscale="log", xlabel="csl (cumulative training loss)",
+           ylabel="curvature", title="Curvature against csl")
+    ax.legend()
+    return _save(fig, path)
+
+
+def per_class_figure(cols: dict[str, np.ndarray], names: tuple[str, ...] | None, path: Path,
+                     max_classes: int = 50) -> str:
+    """Box plots of curvature per given label; past ``max_classes``, the classes with the
+    highest median curvature."""
+    plt = _pyplot()
+    classes = np.unique(cols["label"])
+    medians = np.array([np.median(cols["curvature"][cols["label"] == c]) for c in classes])
+    shown = classes[np.sort(np.argsort(-medians, kind="stable")[:max_classes])]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(shown) + 2), 4.0))
+    ax.boxplot([cols["curvature"][cols["label"] == c] for c in shown], showfliers=True,
+               flierprops={"markersize": 2})
+    ax.set_xticks(range(1, len(shown) + 1),
+                  [names[c] if names and c < len(names) else str(c) for c in shown],
+                  rotation=45 if names else 0, ha="right" if names else "center", fontsize=8)
+    ax.set(yscale="log", xlabel="given label", ylabel="curvature",
+           title="Curvature per class" + ("" if len(shown) == len(classes) else
+                                          f" ({len(shown)} of {len(classes)}, highest medians)"))
+    return _save(fig, path)
+
+
+def epochs_figure(by_epoch: pa.Table, cols: dict[str, np.ndarray], path: Path, top: int = 10) -> str:
+    """Per-epoch curvature of the ``top`` highest-ranked samples, against the median and the
+    10-90 % band of all samples."""
+    plt = _pyplot()
+    ids, epoch = by_epoch.column("sample_id").to_numpy(), by_epoch.column("epoch").to_numpy()
+    values = by_epoch.column("curvature").to_numpy()
+    epochs = np.unique(epoch)
+    grid = np.full((len(epochs), len(cols["sample_id"])), np.nan)
+    grid[np.searchsorted(epochs, epoch), np.searchsorted(cols["sample_id"], ids)] = values
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    low, mid, high = np.nanquantile(grid, [0.1, 0.5, 0.9], axis=1)
+    ax.fill_between(epochs, low, high, color="grey", alpha=0.25, label="all samples, 10-90 %")
+    ax.plot(epochs, mid, color="black", lw=1.5, label="all samples, median")
+    for pos in np.argsort(-cols["curvature"], kind="stable")[:top]:
+        ax.plot(epochs, grid[:, pos], lw=1, alpha=0.85, marker=".",
+                label=f"sample {cols['sample_id'][pos]}")
+    ax.set(yscale="log", xlabel="epoch", ylabel="curvature",
+           title=f"Per-epoch curvature of the top {top} samples")
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def reference_figure(cols: dict[str, np.ndarray], joined: dict[str, np.ndarray], path: Path) -> str:
+    """Scatter of curvature against the reference's mem, per kind of sample."""
+    plt = _pyplot()
+    pos = np.searchsorted(cols["sample_id"], joined["sample_id"])
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    for kind, mask in _groups(cols).items():
+        sel = mask[pos]
+        ax.scatter(joined["mem"][sel], joined["curvature"][sel], s=6, alpha=0.5,
+                   color=COLORS[kind], label=kind, linewidths=0)
+    ax.set(yscale="log", xlabel="Feldman-Zhang mem (reference)", ylabel="curvature",
+           title="Curvature against the reference")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _thumbnail(image: np.ndarray, scale: float, path: Path, side: int = 64) -> str:
+    """Write one (C, H, W) image as a PNG, upscaled (nearest) to about ``side`` pixels."""
+    from PIL import Image
+
+    pixels = np.clip(np.asarray(image, dtype=np.float64) / scale * 255, 0, 255).astype(np.uint8)
+    img = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels[:3].transpose(1, 2, 0))
+    factor = max(1, side // max(img.size))
+    img.resize((img.width * factor, img.height * factor), Image.NEAREST).save(path)
+    return f"images/{path.name}"
+
+
+_STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse}td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:left}
+.gallery td{vertical-align:middle}.gallery img{image-rendering:pixelated;border:1px solid #ccc}
+figure{display:inline-block;margin:0 1em 1em 0}pre{background:#f6f6f6;padding:1em}
+.bad{color:#b00;font-weight:600}"""
+
+
+def _label(value: int, names: tuple[str, ...] | None) -> str:
+    return f"{value} ({names[value]})" if names and 0 <= value < len(names) else str(value)
+
+
+def _group_cell(pos: int, dups, cols: dict[str, np.ndarray], names, thumbs: dict[int, str]) -> str:
+    """The duplicate group of position ``pos``: kind, a conflict mark, each partner's image and label."""
+    if dups is None:
+        return "not searched"
+    gid = int(dups.group[pos])
+    if gid < 0:
+        return "-"
+    g = dups.groups[gid]
+    parts = [f"group {gid} ({g.kind})", '<span class="bad">conflicting labels</span>' if g.conflicting else ""]
+    for m in g.members:
+        if m == pos:
+            continue
+        sid = int(cols["sample_id"][m])
+        img = f'<img src="{thumbs[sid]}" alt="sample {sid}" width="32"> ' if sid in thumbs else ""
+        parts.append(f"{img}{sid}: {html.escape(_label(int(cols['label'][m]), names))}")
+    return " ".join(p for p in parts if p)
+
+
+def gallery_rows(cols: dict[str, np.ndarray], top: int, names, dups, thumbs: dict[int, str]) -> list[str]:
+    """One <tr> per sample among the ``top`` highest curvature, in rank order (rank 1 first)."""
+    rows = []
+    for rank, pos in enumerate(np.argsort(-cols["curvature"], kind="stable")[:top], start=1):
+        sid, label, orig = int(cols["sample_id"][pos]), int(cols["label"][pos]), int(cols["original_label"][pos])
+        notes = ["corrupted label"] if cols["corrupted"][pos] else []
+        if cols["duplicate_of"][pos] >= 0:
+            notes.append(f"injected copy of {int(cols['duplicate_of'][pos])}")
+        img = f'<img src="{thumbs[sid]}" alt="sample {sid}">' if sid in thumbs else "-"
+        cells = [str(rank), img, str(sid), html.escape(_label(label, names)),
+                 html.escape(_label(orig, names)), html.escape(_label(int(cols["final_pred"][pos]), names)),
+                 f"{cols['curvature'][pos]:.4g}", f"{cols['percentile'][pos]:.4f}", f"{cols['csl'][pos]:.4g}",
+                 _group_cell(pos, dups, cols, names, thumbs), html.escape("; ".join(notes))]
+        rows.append(f'<tr data-rank="{rank}" data-sample-id="{sid}">'
+                    + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return rows
+
+
+def render_html(title: str, settings: dict[str, Any], metrics_text: str,
+                figures: list[tuple[str, str]], rows: list[str]) -> str:
+    """The page: settings, metrics (preformatted), figures (file, caption), gallery rows."""
+    head = ["rank", "image", "sample_id", "given label", "original label", "prediction",
+            "curvature", "percentile", "csl", "duplicate group", "notes"]
+    setting_rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                           for k, v in settings.items())
+    figs = "".join(f'<figure><img src="{f}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}'
+                   f"</figcaption></figure>" for f, c in figures)
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>\n"
+            f"<h1>{html.escape(title)}</h1>\n<h2>Settings</h2><table>{setting_rows}</table>\n"
+            f"<h2>Metrics</h2><pre>{html.escape(metrics_text)}</pre>\n<h2>Figures</h2>{figs}\n"
+            f"<h2>Most memorized samples (highest curvature first)</h2>\n<table class=\"gallery\">"
+            f"<thead><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr></thead>\n<tbody>\n"
+            + "\n".join(rows) + "\n</tbody></table>\n</body></html>\n")
+
+
+def _settings(meta: dict[str, Any], table: pa.Table) -> dict[str, Any]:
+    keys = ("run", "dataset", "n", "classes", "noise", "model", "variant", "h", "probes", "epochs",
+            "seed", "created", "raycurv_version")
+    shown = {k: meta[k] if isinstance(meta[k], str) else json.dumps(meta[k]) for k in keys if k in meta}
+    return shown | {"samples in table": table.num_rows}
+
+
+def _thumbnails(data, cols: dict[str, np.ndarray], top: int, dups, folder: Path) -> dict[int, str]:
+    """PNGs of the top samples and of their duplicate-group partners: sample_id -> relative path."""
+    folder.mkdir()
+    shown = set(np.argsort(-cols["curvature"], kind="stable")[:top].tolist())
+    if dups is not None:
+        groups = {int(dups.group[p]) for p in shown if dups.group[p] >= 0}
+        shown |= {int(m) for g in groups for m in dups.groups[g].members}
+    return {int(cols["sample_id"][p]): _thumbnail(data.images[p], data.scale,
+                                                  folder / f"{int(cols['sample_id'][p])}.png")
+            for p in sorted(shown)}
+
+
+def _figures(cols, by_epoch, joined, names, out: Path) -> list[tuple[str, str]]:
+    figures = [(histogram_figure(cols, out / "histogram.png"), "Curvature by kind of sample")]
+    roc = roc_figure(cols, out / "roc.png")
+    if roc:
+        figures.append((roc, "ROC curves where the truth is known"))
+    figures.append((csl_figure(cols, out / "csl.png"), "Curvature against csl"))
+    figures.append((per_class_figure(cols, names, out / "per_class.png"), "Curvature per class"))
+    if by_epoch is not None:
+        figures.append((epochs_figure(by_epoch, cols, out / "epochs.png"), "Per-epoch curvature"))
+    if joined is not None:
+        figures.append((reference_figure(cols, joined, out / "reference.png"),
+                        "Curvature against the Feldman-Zhang reference"))
+    return figures
+
+
+def _write_folder(out: Path, fill) -> None:
+    """Build the report in a temporary sibling folder with ``fill(folder)``, then swap it in:
+    a failed report leaves the previous one (or nothing), never a half-written folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        fill(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def make_report(run: str, out: str | None = None, *, top: int = 100, reference: str | None = None,
+                epochs: str | None = None, duplicates: bool = True,
+                threshold: float | None = None) -> Path:
+    """Write the report folder of ``run`` (default RUN/report) and return its path."""
+    import pyarrow.parquet as pq
+
+    from raycurv.agreement import join_reference
+    from raycurv.duplicates import NEAR_THRESHOLD, find_duplicates
+    from raycurv.evaluate import collect_metrics, format_run, table_columns
+    from raycurv.reference import read_reference
+    from raycurv.rundata import load_run_data, read_run_record
+    from raycurv.table import BY_EPOCH_FILE, read_metadata
+
+    if top < 1:
+        raise UsageError(f"--top must be at least 1, got {top}")
+    run_dir, table = load_run_table(run, epochs)
+    ref = read_reference(reference)[0] if reference else None
+    data = load_run_data(run_dir, table) if read_run_record(run_dir) else None
+    dups = None
+    if data is not None and duplicates:
+        dups = find_duplicates(data.images, data.labels, scale=data.scale,
+                               threshold=NEAR_THRESHOLD if threshold is None else threshold)
+    metrics = collect_metrics(table, reference=ref, dups=dups, epochs=epochs)
+    cols = table_columns(table) | {k: table.column(k).to_numpy() for k in ("final_pred", "percentile")}
+    by_epoch_path = Path(run_dir) / BY_EPOCH_FILE
+    by_epoch = pq.read_table(by_epoch_path) if by_epoch_path.is_file() and epochs is None else None
+    meta = read_metadata(table)
+    names = CLASS_NAMES.get(meta.get("dataset", ""))
+    joined = join_reference(table, ref) if ref is not None else None
+
+    def fill(folder: Path) -> None:
+        figures = _figures(cols, by_epoch, joined, names, folder)
+        thumbs = _thumbnails(data, cols, top, dups, folder / "images") if data is not None else {}
+        rows = gallery_rows(cols, top, names, dups, thumbs)
+        page = render_html(f"raycurv report: {meta.get('run', Path(run_dir).name)}",
+                           _settings(meta, table), format_run(metrics), figures, rows)
+        (folder / "index.html").write_text(page, encoding="utf-8")
+
+    target = Path(out) if out else Path(run_dir) / REPORT_DIR
+    _write_folder(target, fill)
+    return target
