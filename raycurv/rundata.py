@@ -16,9 +16,18 @@ from raycurv.errors import UsageError
 RUN_FILE = "run.json"  # written by raycurv.run.score_run
 
 
+def _record_location(run_dir: str) -> str:
+    """run.json of a run folder; an extra estimator's folder (<run>/estimators/<name>) uses its run's."""
+    parts = str(run_dir).rstrip("/").split("/")
+    if len(parts) > 2 and parts[-2] == "estimators" and storage.read_bytes(
+            storage.join(str(run_dir), RUN_FILE)) is None:
+        return storage.join("/".join(parts[:-2]), RUN_FILE)
+    return storage.join(str(run_dir), RUN_FILE)
+
+
 def read_run_record(run_dir: str) -> dict[str, Any] | None:
     """run.json of a run folder, or None when there is none."""
-    raw = storage.read_bytes(storage.join(str(run_dir), RUN_FILE))
+    raw = storage.read_bytes(_record_location(run_dir))
     if raw is None:
         return None
     try:
