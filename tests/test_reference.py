@@ -113,6 +113,7 @@ def test_mem_from_counts_undefined_sides():
     (["--from-run", "/nonexistent/run"], "no run.json in /nonexistent/run"),
     (["--dataset", "svhn"], "unknown dataset 'svhn'"),
     (["--limit", "10", "--keep", "0.01"], "leaves 0 to train on"),
+    (["--out", "/tmp"], "--out must name a file, got the folder /tmp"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, tmp_path, flags, message):
     out = tmp_path / "ref.parquet"
