@@ -113,8 +113,9 @@ def epoch_window(by_epoch: pa.Table, sample_ids: np.ndarray, start: int,
     counts = np.bincount(pos[known], minlength=len(sample_ids))
     if not counts.all():
         scored = sorted(set(epoch.tolist()))
+        have = f"{scored[0]}..{scored[-1]}" if scored else "none"
         raise UsageError(f"epochs {start}:{'' if stop is None else stop} hold no scored epoch for "
-                         f"{int((counts == 0).sum())} samples; scored epochs: {scored[0]}..{scored[-1]}")
+                         f"{int((counts == 0).sum())} samples; scored epochs: {have}")
     return sums / counts, counts
 
 

@@ -68,9 +68,10 @@ def test_known_answer_on_ray(ray_cluster, blobs_parquet, tmp_path):
 
 def test_reproducible_by_seed_whatever_the_task_layout(ray_cluster, blobs_parquet, tmp_path):
     root, _, _ = blobs_parquet
-    a = estimate(_spec(root, str(tmp_path / "a.parquet"), models_per_task=40), progress=lambda _: None)
-    b = estimate(_spec(root, str(tmp_path / "b.parquet"), models_per_task=7), progress=lambda _: None)
-    c = estimate(_spec(root, str(tmp_path / "c.parquet"), seed=1), progress=lambda _: None)
+    quick = {"models": 12, "train": {"epochs": 5, "batch_size": 8, "width": 16}}
+    a = estimate(_spec(root, str(tmp_path / "a.parquet"), models_per_task=12, **quick), progress=print)
+    b = estimate(_spec(root, str(tmp_path / "b.parquet"), models_per_task=5, **quick), progress=print)
+    c = estimate(_spec(root, str(tmp_path / "c.parquet"), seed=1, **quick), progress=print)
     for column in ("n_in", "n_out", "mem", "p_in", "p_out"):
         assert a.table.column(column).equals(b.table.column(column)), column
     assert not a.table.column("n_in").equals(c.table.column("n_in"))
@@ -92,7 +93,7 @@ def test_models_trained_together_train_as_alone():
 def test_cnn_reference_model_learns():
     images, labels, wrong = two_blobs(n=40, side=8)
     spec = ReferenceSpec.model_validate({"models": 8, "keep": 0.5, "train": {
-        "model": "cnn", "epochs": 30, "batch_size": 8, "lr": 0.1, "width": 64}})
+        "model": "cnn", "epochs": 20, "batch_size": 8, "lr": 0.1, "width": 64}})
     out = train_models(images, labels, np.arange(8), spec, 2)
     mem, p_in, p_out = mem_from_counts(out["n_in"], out["correct_in"], out["correct_out"], 8)
     assert out["acc_out"].mean() > 0.9  # held-out typical samples: right
@@ -112,6 +113,7 @@ def test_mem_from_counts_undefined_sides():
     (["--from-run", "/nonexistent/run"], "no run.json in /nonexistent/run"),
     (["--dataset", "svhn"], "unknown dataset 'svhn'"),
     (["--limit", "10", "--keep", "0.01"], "leaves 0 to train on"),
+    (["--out", "/tmp"], "--out must name a file, got the folder /tmp"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, tmp_path, flags, message):
     out = tmp_path / "ref.parquet"
