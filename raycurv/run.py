@@ -24,9 +24,8 @@ from raycurv.data.sharding import actor_shards
 from raycurv.errors import UsageError
 from raycurv.evaluate import evaluate_table
 from raycurv.models import MODELS
+from raycurv.rundata import RUN_FILE
 from raycurv.table import BY_EPOCH_FILE, BY_EPOCH_SCHEMA, SCORES_FILE, build_table
-
-RUN_FILE = "run.json"
 
 
 @dataclass

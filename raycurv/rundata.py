@@ -16,6 +16,7 @@ from raycurv.errors import UsageError
 RUN_FILE = "run.json"  # written by raycurv.run.score_run
 
 
+
 def _record_location(run_dir: str) -> str:
     """run.json of a run folder; an extra estimator's folder (<run>/estimators/<name>) uses its run's."""
     parts = str(run_dir).rstrip("/").split("/")

@@ -51,7 +51,8 @@ SPEC_FLAGS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
 def add_spec_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
     for flag, (_, field, kwargs) in SPEC_FLAGS.items():
         if flag not in skip:
-            parser.add_argument(flag, dest=f"spec__{field}__{flag}", default=None, **kwargs)
+            metavar = {} if kwargs.get("action") else {"metavar": flag.lstrip("-").replace("-", "_").upper()}
+            parser.add_argument(flag, dest=f"spec__{field}__{flag}", default=None, **metavar, **kwargs)
 
 
 def spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
