@@ -69,3 +69,20 @@ def spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="an existing Ray cluster (default: start a local one)")
+
+
+def add_window_and_duplicate_flags(parser: argparse.ArgumentParser) -> None:
+    """--epochs, --duplicates and --near-threshold, shared by `evaluate` and `report`."""
+    parser.add_argument("--epochs", metavar="A:B",
+                        help="score by the mean curvature of epochs A..B-1 (from curvature_by_epoch.parquet)")
+    parser.add_argument("--duplicates", action=argparse.BooleanOptionalAction, default=True,
+                        help="find exact and near duplicate images (default on; needs the run's data)")
+    parser.add_argument("--near-threshold", type=float, metavar="D",
+                        help="aligned distance for near duplicates (default 0.15; see raycurv.duplicates)")
+
+
+def check_near_threshold(value: float | None) -> None:
+    from raycurv.errors import UsageError
+
+    if value is not None and not 0 <= value <= 2:
+        raise UsageError(f"--near-threshold must lie in [0, 2], got {value:g}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from raycurv.commands._common import add_window_and_duplicate_flags, check_near_threshold
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder (or its scores.parquet)")
@@ -11,20 +13,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=100, help="samples in the gallery (default 100)")
     parser.add_argument("--reference", metavar="FILE",
                         help="a reference table from `raycurv reference`: add agreement and a scatter")
-    parser.add_argument("--epochs", metavar="A:B",
-                        help="score by the mean curvature of epochs A..B-1")
-    parser.add_argument("--duplicates", action=argparse.BooleanOptionalAction, default=True,
-                        help="find exact and near duplicate images (default on)")
-    parser.add_argument("--near-threshold", type=float, metavar="D",
-                        help="aligned distance for near duplicates (default 0.15)")
+    add_window_and_duplicate_flags(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from raycurv.errors import UsageError
     from raycurv.report import make_report
 
-    if args.near_threshold is not None and not 0 <= args.near_threshold <= 2:
-        raise UsageError(f"--near-threshold must lie in [0, 2], got {args.near_threshold:g}")
+    check_near_threshold(args.near_threshold)
     out = make_report(args.run, args.out, top=args.top, reference=args.reference,
                       epochs=args.epochs, duplicates=args.duplicates, threshold=args.near_threshold)
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
