@@ -19,6 +19,7 @@ from raycurv.data.sharding import scoring_batches
 from raycurv.data.transforms import to_input
 from raycurv.metrics import record_scoring
 from raycurv.models import build_model
+from raycurv.scoring_model import ScoringModel, prepare_for_scoring
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class ShardSpec:
     estimators: tuple[tuple[float, int, str], ...]  # (h, probes, variant); the first is primary
     batch_size: int
     state_uri: str  # where this shard's state file lives (local path or pyarrow URI)
+    method: str = "fd"  # raycurv.curvature.METHODS
+    precision: str | None = None  # None (fp32) or a raycurv.curvature.HALF_PRECISIONS key
+    optimize: bool = True  # batch norm folded, channels last (raycurv.scoring_model)
+    compile: bool = False
 
 
 class ShardScorer:
@@ -67,21 +72,28 @@ class ShardScorer:
     def scored_epochs(self) -> list[int]:
         return [int(e) for e in np.flatnonzero(~np.isnan(self.curvature).any(axis=(0, 2)))]
 
-    def score_epoch(self, epoch: int, weights: dict[str, torch.Tensor],
+    def score_epoch(self, epoch: int, weights: dict[str, torch.Tensor] | None,
                     train_loss: np.ndarray) -> dict[str, Any]:
         """Score the shard on ``weights`` (the model after ``epoch``); record this shard's slice of
-        ``train_loss`` (N,), the epoch's per-sample training loss. Idempotent per epoch."""
+        ``train_loss`` (N,), the epoch's per-sample training loss. Idempotent per epoch.
+        ``weights`` None: an epoch the run does not score; only its training loss is kept."""
         started = time.perf_counter()
-        if epoch in self.scored_epochs:
+        if epoch in self.scored_epochs or weights is None:
+            if weights is None:
+                self.train_loss[epoch] = train_loss[self.spec.start:self.spec.stop]
+                self._save()
             return {"shard": self.spec.index, "epoch": epoch, "samples": 0, "seconds": 0.0}
         self.model.load_state_dict(weights)
-        s = self.spec
+        s, scoring = self.spec, None
         for a, b in scoring_batches(s.start, s.stop, s.batch_size):
             lo, hi = a - s.start, b - s.start
             x = to_input(self.images[lo:hi], scale=s.scale, mean=s.mean, std=s.std, device=self.device)
+            if scoring is None:  # once per epoch's weights
+                scoring = prepare_for_scoring(self.model, x, fold_batch_norm=s.optimize,
+                                              channels_last=s.optimize, compile=s.compile)
             y = torch.tensor(self.labels[lo:hi], device=self.device)  # copies: read-only arrays
             ids = torch.tensor(self.sample_ids[lo:hi], device=self.device)
-            out = self._score_batch(x, y, ids, epoch, lo, hi)
+            out = self._score_batch(scoring, x, y, ids, epoch, lo, hi)
             if epoch >= self.final["epoch"]:
                 self.final["loss"][lo:hi] = out.loss.cpu().numpy()
                 self.final["pred"][lo:hi] = out.pred.cpu().numpy()
@@ -92,13 +104,14 @@ class ShardScorer:
         return {"shard": s.index, "epoch": epoch, "samples": s.stop - s.start,
                 "seconds": time.perf_counter() - started}
 
-    def _score_batch(self, x, y, ids, epoch: int, lo: int, hi: int):
+    def _score_batch(self, scoring: ScoringModel, x, y, ids, epoch: int, lo: int, hi: int):
         """Every estimator on one batch; one set of gradient passes per distinct h."""
         s, out = self.spec, None
         for h in dict.fromkeys(est[0] for est in s.estimators):
             probes = max(n for eh, n, _ in s.estimators if eh == h)
-            out = curvature(self.model, x, y, sample_ids=ids, epoch=epoch, seed=s.seed, h=h,
-                            probes=probes, variant="norm")
+            out = curvature(scoring.module, x, y, sample_ids=ids, epoch=epoch, seed=s.seed, h=h,
+                            probes=probes, variant="norm", method=s.method, precision=s.precision,
+                            max_pass=scoring.max_pass)
             for k, (eh, n, variant) in enumerate(s.estimators):
                 if eh == h:
                     values = reduce_probe_norms(out.probe_norms[:n], h=h, variant=variant)
@@ -160,8 +173,10 @@ class CurvaturePool:
     # the shards' object refs: held so that a restarted actor can fetch its constructor arguments
     shard_refs: list[Any] = field(default_factory=list)
 
-    def submit(self, epoch: int, weights_ref: ray.ObjectRef, train_loss: np.ndarray) -> list[ray.ObjectRef]:
-        """Hand epoch ``epoch``'s weights (one object-store reference) to every actor; no waiting."""
+    def submit(self, epoch: int, weights_ref: ray.ObjectRef | None,
+               train_loss: np.ndarray) -> list[ray.ObjectRef]:
+        """Hand epoch ``epoch``'s weights (one object-store reference; None for an epoch that is not
+        scored) and training losses to every actor; no waiting."""
         loss_ref = ray.put(train_loss)
         return [actor.score_epoch.remote(epoch, weights_ref, loss_ref) for actor in self.actors]
 

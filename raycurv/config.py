@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from raycurv.errors import UsageError
 
 NoiseKind = Literal["symmetric", "pairwise"]
 Variant = Literal["norm", "trace"]
+Method = Literal["fd", "hvp"]
+Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["cosine", "step", "constant"]
 
 
@@ -56,7 +58,7 @@ class EstimatorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     h: float = Field(default=0.03, gt=0.0)
-    probes: int = Field(default=10, ge=1)
+    probes: int = Field(default=2, ge=1)
     variant: Variant = "norm"
 
     @property
@@ -68,13 +70,17 @@ class CurvatureSpec(BaseModel):
     """The estimator (h, probes, variant; see raycurv.curvature) and the actor pool that runs it.
 
     ``also`` lists more estimators scored on the same models (a sweep's scoring-only axes): each
-    gets its own table under ``<run_dir>/estimators/<name>/``.
+    gets its own table under ``<run_dir>/estimators/<name>/``. ``method``: "fd" finite
+    differences (the paper's estimator) or "hvp" exact Hessian-vector products; ``precision``
+    other than fp32 (mixed precision) only with "hvp". ``optimize`` (batch norm folded, channels
+    last) and ``compile`` (torch.compile) change speed and float rounding, not what is computed.
+    ``every`` k and ``from_epoch`` choose the scored epochs (cost levers: see ``scores_epoch``).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     h: float = Field(default=0.03, gt=0.0)
-    probes: int = Field(default=10, ge=1)
+    probes: int = Field(default=2, ge=1)
     variant: Variant = "norm"
     also: list[EstimatorSpec] = Field(default_factory=list)
     batch_size: int = Field(default=256, ge=1)
@@ -82,6 +88,24 @@ class CurvatureSpec(BaseModel):
     actor_cpus: float = Field(default=0.5, gt=0.0)
     actor_gpus: float = Field(default=0.0, ge=0.0)
     max_lag: int = Field(default=2, ge=1)
+    every: int = Field(default=1, ge=1)
+    from_epoch: int = Field(default=0, ge=0)
+    method: Method = "fd"
+    precision: Precision = "fp32"
+    optimize: bool = True
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _mixed_precision_needs_hvp(self) -> CurvatureSpec:
+        if self.precision != "fp32" and self.method != "hvp":
+            raise ValueError(f"precision {self.precision} needs method hvp: a finite difference "
+                             "at small h is lost to half-precision rounding")
+        return self
+
+    def scores_epoch(self, epoch: int, epochs: int) -> bool:
+        """Whether epoch ``epoch`` (0-based) of ``epochs`` is scored: from ``from_epoch`` on, every
+        ``every``-th epoch counted back from the last, which is always scored."""
+        return epoch >= self.from_epoch and (epochs - 1 - epoch) % self.every == 0
 
     @property
     def estimators(self) -> list[EstimatorSpec]:

@@ -5,6 +5,7 @@ For a sample (x, y) and a model f in eval mode:
     l(x)   = cross_entropy(f(x), y)              per sample, never a batch mean
     g(x)   = dl/dx                               gradient with respect to the input only
     d_j    = g(x + h v_j) - g(x)                 v_j: Rademacher probes (+1/-1 per input element)
+             (method "hvp": h H v_j exactly, by forward-over-reverse autodiff; the h -> 0 limit)
     norm:  c(x) = (1/n) sum_j ||d_j||_2          the authors' released estimator
     trace: c(x) = (1/n) sum_j ||d_j||_2^2 / h^2  finite-difference Tr(H^2) = E||H v||^2
 
@@ -17,6 +18,7 @@ depend on the batch it was scored in (up to the float rounding of differently sh
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -137,9 +139,10 @@ def default_probe_chunk(batch: int, probes: int, *, max_pass: int = 512) -> int:
     return max(1, min(probes, max_pass // max(batch, 1)))
 
 
-def _curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, *,
-               epoch: int, seed: int, h: float, probes: int, variant: str,
-               probe_chunk: int) -> CurvatureResult:
+def _fd_probe_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, *,
+                    epoch: int, seed: int, h: float, probes: int, probe_chunk: int,
+                    half: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """||g(x + h v_j) - g(x)|| (n, B): g(x) once, then the probes ``probe_chunk`` at a time."""
     batch, shape = x.shape[0], tuple(x.shape[1:])
     loss, g0, logits = input_gradient(model, x, y)
     g0 = g0.reshape(1, batch, -1)
@@ -151,7 +154,78 @@ def _curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_ids: t
         xs = (x.detach()[None] + h * v).reshape(len(idx) * batch, *shape)
         _, g, _ = input_gradient(model, xs, y.repeat(len(idx)))
         norms.append((g.reshape(len(idx), batch, -1) - g0).norm(dim=-1))  # (k, B)
-    probe_norms = torch.cat(norms)
+    return torch.cat(norms), loss, logits
+
+
+def _hvp_probe_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, *,
+                     epoch: int, seed: int, h: float, probes: int, probe_chunk: int,
+                     half: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """||h H v_j|| (n, B), H the input Hessian of the per-sample loss, by forward-over-reverse
+    autodiff (a jvp of the input gradient): the h -> 0 limit of the finite difference, with no
+    difference to lose to rounding, so it may run in half precision."""
+    batch, shape = x.shape[0], tuple(x.shape[1:])
+    # half precision: weights and activations in ``half`` (torch.autocast does not reach
+    # forward-mode tangents), the loss and the norms in x's dtype
+    low = model if half is None else copy.deepcopy(model).to(half)
+
+    def loss_sum(u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = low(u if half is None else u.to(half)).to(u.dtype)
+        # summed loss: samples do not interact in eval mode, so this is each sample's gradient
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+    def grad_of(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.func.grad(loss_sum)(z, labels)
+
+    with torch.no_grad():
+        logits = model(x)  # (B, C), full precision
+    loss = F.cross_entropy(logits, y, reduction="none")
+    norms = []
+    for start in range(0, probes, probe_chunk):
+        idx = torch.arange(start, min(start + probe_chunk, probes), device=x.device)
+        v = rademacher_probes(seed=seed, epoch=epoch, sample_ids=sample_ids, probe_indices=idx,
+                              shape=shape, dtype=x.dtype).reshape(len(idx) * batch, *shape)
+        xs = x.detach().repeat(len(idx), *([1] * len(shape)))  # (k B, *shape), probe-major like v
+        labels = y.repeat(len(idx))
+        _, hv = torch.func.jvp(lambda z, labels=labels: grad_of(z, labels), (xs,), (v,))  # H v
+        norms.append((h * hv.to(x.dtype)).reshape(len(idx), batch, -1).norm(dim=-1))  # (k, B)
+    return torch.cat(norms), loss, logits
+
+
+# method -> per-probe norms ||d_j||: "fd" the finite difference g(x + h v_j) - g(x) (the paper's
+# estimator, the default); "hvp" its exact first-order term h H v_j (agrees with "fd" to O(h) where
+# the model is smooth; ignores the ReLU kinks a finite step crosses)
+METHODS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
+    "fd": _fd_probe_norms,
+    "hvp": _hvp_probe_norms,
+}
+HALF_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def ieee_fp32(device: torch.device) -> Iterator[None]:
+    """Full IEEE fp32 convolutions and matrix products on CUDA (no TF32, whose 10-bit mantissa
+    would swallow a finite difference at small h), restored afterwards; elsewhere a no-op."""
+    if device.type != "cuda":
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
+
+
+def _curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, *,
+               variant: str, h: float, max_pass: int, method: str, **options) -> CurvatureResult:
+    parts = -(-x.shape[0] // max_pass)  # cut the batch into equal parts of <= max_pass samples
+    size = -(-x.shape[0] // parts)
+    pieces = [METHODS[method](model, x[a:a + size], y[a:a + size], sample_ids[a:a + size], h=h,
+                              **options) for a in range(0, x.shape[0], size)]
+    probe_norms = torch.cat([p[0] for p in pieces], dim=1)  # (n, B)
+    loss = torch.cat([p[1] for p in pieces])
+    logits = torch.cat([p[2] for p in pieces])
     probs = logits.softmax(dim=1)
     return CurvatureResult(
         curvature=reduce_probe_norms(probe_norms, h=h, variant=variant),
@@ -164,22 +238,42 @@ def _curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_ids: t
 
 def curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sample_ids: torch.Tensor,
               epoch: int, seed: int = 0, h: float = 1e-3, probes: int = 10, variant: str = "norm",
+              method: str = "fd", precision: str | None = None, max_pass: int = 512,
               probe_chunk: int | None = None) -> CurvatureResult:
     """Score a batch: x (B, C, H, W) normalized, unaugmented inputs; y (B,) labels the model was
     trained on; sample_ids (B,) int64. Runs ``model`` in eval mode without parameter gradients
     and restores its state. Returns per-sample curvature (higher = more memorized) and the loss,
     prediction and confidence of the unperturbed input.
+
+    method: "fd" (finite differences, the default) or "hvp" (exact Hessian-vector products).
+    precision: None (the input's dtype) or "bf16"/"fp16": the Hessian-vector products in half
+    precision (loss and norms in x's dtype), for "hvp" only: a half-precision input cannot even
+    represent x + h v, so "fd" refuses it. max_pass: the most samples one forward/backward pass
+    holds (the memory cap; larger batches are cut into equal parts); probe_chunk: probes per pass
+    (default: as many as max_pass allows). Neither changes the values beyond float rounding.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if precision is not None and precision not in HALF_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: None, {', '.join(HALF_PRECISIONS)}")
+    if precision is not None and method == "fd":
+        raise ValueError("mixed precision cannot resolve a finite difference (a bf16/fp16 input "
+                         "does not represent x + h v for small h); use method='hvp' for half precision")
     if not h > 0:
         raise ValueError(f"h must be > 0, got {h}")
     if probes < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
+    if max_pass < 1:
+        raise ValueError(f"max_pass must be >= 1, got {max_pass}")
     if x.ndim < 2 or y.shape != (x.shape[0],) or sample_ids.shape != (x.shape[0],):
         raise ValueError(f"need x (B, ...), y (B,), sample_ids (B,); got {tuple(x.shape)}, "
                          f"{tuple(y.shape)}, {tuple(sample_ids.shape)}")
-    chunk = probe_chunk or default_probe_chunk(x.shape[0], probes)
-    with scoring_mode(model):
+    part = -(-x.shape[0] // -(-x.shape[0] // max_pass))  # the size _curvature cuts the batch to
+    chunk = probe_chunk or default_probe_chunk(part, probes, max_pass=max_pass)
+    with scoring_mode(model), ieee_fp32(x.device) if method == "fd" else contextlib.nullcontext():
         return _curvature(model, x, y.long(), sample_ids.to(x.device), epoch=epoch, seed=seed,
-                          h=h, probes=probes, variant=variant, probe_chunk=chunk)
+                          h=h, probes=probes, variant=variant, probe_chunk=chunk, method=method,
+                          max_pass=max_pass,
+                          half=HALF_PRECISIONS[precision] if precision else None)

@@ -45,7 +45,8 @@ def _spec_record(spec: ScoreSpec, data: Prepared) -> dict[str, Any]:
 
 # Settings that change where or how fast a run goes, not its results: a resumed run may differ in them.
 _PLACEMENT = {"train.cpus_per_worker", "train.gpus_per_worker", "train.max_failures",
-              "curvature.actor_cpus", "curvature.actor_gpus", "curvature.max_lag", "name"}
+              "curvature.actor_cpus", "curvature.actor_gpus", "curvature.max_lag", "name",
+              "curvature.optimize", "curvature.compile"}  # speed and rounding only
 
 
 def _changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -93,6 +94,9 @@ def validate_spec(spec: ScoreSpec) -> Prepared:
     if spec.train.model == "small_cnn" and min_side < 4:
         raise UsageError(f"small_cnn needs images of at least 4x4, got {data.input_shape[1:]}")
     actor_shards(len(data), spec.curvature.actors, spec.curvature.batch_size)
+    if spec.curvature.from_epoch >= spec.train.epochs:
+        raise UsageError(f"--score-from {spec.curvature.from_epoch} leaves no epoch to score: "
+                         f"epochs are 0..{spec.train.epochs - 1}")
     return data
 
 
@@ -119,8 +123,9 @@ def start_pool(spec: ScoreSpec, data: Prepared):
             in_channels=data.input_shape[0], num_classes=data.num_classes, scale=data.scale,
             mean=data.mean, std=data.std, seed=spec.seed,
             estimators=tuple((e.h, e.probes, e.variant) for e in c.estimators),
-            batch_size=c.batch_size,
-            state_uri=storage.join(spec.run_dir, "shards", f"shard-{index:04d}.npz"))
+            batch_size=c.batch_size, method=c.method,
+            precision=None if c.precision == "fp32" else c.precision,
+            optimize=c.optimize, compile=c.compile, state_uri=storage.join(spec.run_dir, "shards", f"shard-{index:04d}.npz"))
         shard = ray.put({"images": data.images[start:stop], "labels": data.labels[start:stop],
                          "sample_ids": data.sample_ids[start:stop]})
         refs.append(shard)

@@ -139,7 +139,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             model_state = getattr(model, "module", model).state_dict()
             if pool is not None:
-                pending.append(_hand_to_pool(pool, spec.run_dir, epoch, model_state, losses))
+                scored = spec.curvature.scores_epoch(epoch, t.epochs)
+                pending.append(_hand_to_pool(pool, spec.run_dir, epoch, model_state if scored else None,
+                                             losses))
                 pending = _backpressure(pending, pool.max_lag, spec.run_dir)
                 metrics["scoring_lag"] = len(pending)
             checkpoint = _checkpoint(model, opt, sched, epoch)
@@ -157,18 +159,19 @@ def _epoch_file(run_dir: str, epoch: int) -> str:
     return storage.join(run_dir, "epochs", f"epoch-{epoch:04d}.pt")
 
 
-def _hand_to_pool(pool, run_dir: str, epoch: int, model_state: dict, losses: np.ndarray):
-    """Put the epoch's weights in the object store once and hand the reference to every actor.
+def _hand_to_pool(pool, run_dir: str, epoch: int, model_state: dict | None, losses: np.ndarray):
+    """Put the epoch's weights in the object store once and hand the reference to every actor
+    (``model_state`` None: an epoch the run does not score; the actors keep its losses only).
 
     The weights and training losses also go to the run folder until the epoch is scored: if this
     worker dies, the object it owns dies with it, and a restarted run re-submits from the file.
     """
-    weights = {k: v.detach().cpu() for k, v in model_state.items()}
+    weights = None if model_state is None else {k: v.detach().cpu() for k, v in model_state.items()}
     train_loss = losses.astype(np.float32)
     buf = io.BytesIO()
     torch.save({"epoch": epoch, "weights": weights, "train_loss": train_loss}, buf)
     storage.write_bytes(_epoch_file(run_dir, epoch), buf.getvalue())
-    return epoch, pool.submit(epoch, ray.put(weights), train_loss)
+    return epoch, pool.submit(epoch, None if weights is None else ray.put(weights), train_loss)
 
 
 def _catch_up(pool, run_dir: str, start: int) -> list[tuple[int, list]]:
@@ -178,7 +181,8 @@ def _catch_up(pool, run_dir: str, start: int) -> list[tuple[int, list]]:
     for location in storage.list_files(storage.join(run_dir, "epochs")):
         saved = torch.load(io.BytesIO(storage.read_bytes(location)), weights_only=False)
         if saved["epoch"] < start:
-            pending.append((saved["epoch"], pool.submit(saved["epoch"], ray.put(saved["weights"]),
+            weights = saved["weights"]
+            pending.append((saved["epoch"], pool.submit(saved["epoch"], None if weights is None else ray.put(weights),
                                                         saved["train_loss"])))
     return pending
 

@@ -13,6 +13,7 @@ from raycurv.curvature import curvature
 from raycurv.data import prepare_dataset
 from raycurv.data.transforms import to_input
 from raycurv.models import build_model
+from raycurv.scoring_model import prepare_for_scoring
 
 ESTIMATORS = ((0.03, 6, "norm"), (0.03, 3, "trace"), (0.01, 2, "norm"))
 
@@ -22,10 +23,11 @@ def digits():
     return prepare_dataset(DataSpec(limit=300), seed=0)
 
 
-def _scorer(digits, state_uri, start=40, stop=300):
+def _scorer(digits, state_uri, start=40, stop=300, optimize=True):
     spec = ShardSpec(index=1, start=start, stop=stop, epochs=3, model="small_cnn", in_channels=1,
                      num_classes=10, scale=digits.scale, mean=digits.mean, std=digits.std, seed=4,
-                     estimators=ESTIMATORS, batch_size=128, state_uri=str(state_uri))
+                     estimators=ESTIMATORS, batch_size=128, state_uri=str(state_uri),
+                     optimize=optimize)
     sl = slice(start, stop)
     return ShardScorer(spec, digits.images[sl], digits.labels[sl], digits.sample_ids[sl])
 
@@ -35,17 +37,21 @@ def _weights(seed: int):
     return build_model("small_cnn", in_channels=1, num_classes=10).state_dict()
 
 
-def test_every_estimator_equals_its_own_plain_call(digits, tmp_path):
-    scorer = _scorer(digits, tmp_path / "s.npz")
+@pytest.mark.parametrize("optimize", [True, False])
+def test_every_estimator_equals_its_own_plain_call(digits, tmp_path, optimize):
+    scorer = _scorer(digits, tmp_path / "s.npz", optimize=optimize)
     scorer.score_epoch(2, _weights(0), np.arange(300, dtype=np.float32))
     model = build_model("small_cnn", in_channels=1, num_classes=10)
     model.load_state_dict(_weights(0))
     x = to_input(digits.images, scale=digits.scale, mean=digits.mean, std=digits.std)
     y, ids = torch.as_tensor(digits.labels), torch.as_tensor(digits.sample_ids)
+    scoring = prepare_for_scoring(model, x[:1], fold_batch_norm=optimize, channels_last=optimize)
+    assert scoring.folded == (3 if optimize else 0)
     for k, (h, n, variant) in enumerate(ESTIMATORS):
         # scoring batches are cut at multiples of 128 in dataset position: [40,128), [128,256), [256,300)
-        expected = torch.cat([curvature(model, x[a:b], y[a:b], sample_ids=ids[a:b], epoch=2, seed=4,
-                                        h=h, probes=n, variant=variant).curvature
+        expected = torch.cat([curvature(scoring.module, x[a:b], y[a:b], sample_ids=ids[a:b], epoch=2,
+                                        seed=4, h=h, probes=n, variant=variant,
+                                        max_pass=scoring.max_pass).curvature
                               for a, b in ((40, 128), (128, 256), (256, 300))]).numpy()
         np.testing.assert_array_equal(scorer.curvature[k, 2], expected)
     np.testing.assert_array_equal(scorer.train_loss[2], np.arange(40, 300, dtype=np.float32))
@@ -63,3 +69,20 @@ def test_an_epoch_scored_twice_counts_once_and_state_survives_a_restart(digits, 
     np.testing.assert_array_equal(restarted.curvature, scorer.curvature)
     np.testing.assert_array_equal(restarted.train_loss[0], np.ones(260, np.float32))
     assert restarted.final["epoch"] == 1
+
+
+def test_hvp_in_half_precision_scores_like_a_direct_call(digits, tmp_path):
+    spec = ShardSpec(index=0, start=0, stop=100, epochs=1, model="small_cnn", in_channels=1,
+                     num_classes=10, scale=digits.scale, mean=digits.mean, std=digits.std, seed=4,
+                     estimators=((0.03, 3, "norm"),), batch_size=64, state_uri=str(tmp_path / "h.npz"),
+                     method="hvp", precision="bf16")
+    scorer = ShardScorer(spec, digits.images[:100], digits.labels[:100], digits.sample_ids[:100])
+    scorer.score_epoch(0, _weights(0), np.zeros(300, np.float32))
+    model = build_model("small_cnn", in_channels=1, num_classes=10)
+    model.load_state_dict(_weights(0))
+    x = to_input(digits.images[:100], scale=digits.scale, mean=digits.mean, std=digits.std)
+    y, ids = torch.as_tensor(digits.labels[:100]), torch.as_tensor(digits.sample_ids[:100])
+    fp32 = torch.cat([curvature(model, x[a:b], y[a:b], sample_ids=ids[a:b], epoch=0, seed=4, h=0.03,
+                                probes=3, method="hvp").curvature for a, b in ((0, 64), (64, 100))])
+    rel = np.abs(scorer.curvature[0, 0] - fp32.numpy()) / fp32.numpy()
+    assert np.median(rel) < 0.05 and rel.max() > 0  # half precision: close, not equal

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from raycurv.curvature import curvature, rademacher_probes
+from raycurv.curvature import curvature, ieee_fp32, rademacher_probes
 from raycurv.models import SmallCNN
 
 SHAPE = (1, 2, 3)  # a tiny "image": D = 6 input elements
@@ -64,6 +64,43 @@ def test_norm_is_h_times_mean_hessian_vector_norm(problem):
     torch.testing.assert_close(got, h * hv.norm(dim=-1).mean(0), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("variant", ["norm", "trace"])
+def test_hvp_method_is_the_exact_hessian_vector_product(problem, variant):
+    model, x, y, ids = problem
+    n, h = 6, 0.05  # no finite difference: any h gives h H v exactly
+    got = curvature(model, x, y, sample_ids=ids, epoch=1, seed=2, h=h, probes=n, variant=variant,
+                    method="hvp").curvature
+    v = rademacher_probes(seed=2, epoch=1, sample_ids=ids, probe_indices=torch.arange(n),
+                          shape=SHAPE, dtype=torch.float64).reshape(n, 5, 6)
+    hv = torch.einsum("bij,nbj->nbi", exact_hessians(model, x, y), v)
+    expected = h * hv.norm(dim=-1).mean(0) if variant == "norm" else hv.pow(2).sum(-1).mean(0)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=0)
+
+
+def test_finite_differences_converge_to_hvp_as_h_shrinks(problem):
+    model, x, y, ids = problem
+    common = dict(sample_ids=ids, epoch=0, seed=5, probes=4)
+    errors = []
+    for h in (1e-2, 1e-3, 1e-4):
+        fd = curvature(model, x, y, h=h, **common).curvature
+        hvp = curvature(model, x, y, h=h, method="hvp", **common).curvature
+        errors.append(((fd - hvp).abs() / hvp).max().item())
+    assert errors[-1] < 1e-3  # O(h): each tenfold smaller h is about tenfold closer
+    assert errors[0] > 5 * errors[1] > 25 * errors[2] or errors[0] < 1e-8
+
+
+def test_mixed_precision_hvp_stays_close_to_fp32():
+    model = _trained_cnn(smooth=True)
+    gen = torch.Generator().manual_seed(8)
+    x, y = torch.randn(32, 1, 8, 8, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    common = dict(sample_ids=torch.arange(32), epoch=0, h=1e-3, probes=4, method="hvp")
+    fp32 = curvature(model, x, y, **common).curvature
+    bf16 = curvature(model, x, y, precision="bf16", **common).curvature
+    rel = (bf16 - fp32).abs() / fp32
+    assert rel.median() < 0.02 and rel.max() < 0.1  # bf16 keeps ~3 significant digits
+    assert rel.max() > 0  # it did run in reduced precision
+
+
 def test_trace_mean_over_many_probes_is_trace_of_h_squared(problem):
     model, x, y, ids = problem
     got = curvature(model, x, y, sample_ids=ids, epoch=0, seed=0, h=1e-5, probes=4000,
@@ -89,9 +126,20 @@ def authors_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ids: torch.
     return total / n * len(x)
 
 
-def _trained_cnn() -> nn.Module:
-    torch.manual_seed(0)
+def smooth_cnn() -> nn.Module:
+    """SmallCNN with smooth activations and pooling: no kinks for a finite step to cross."""
     model = SmallCNN(1, 10)
+    for name, module in model.features.named_children():
+        if isinstance(module, nn.ReLU):
+            model.features._modules[name] = nn.SiLU()
+        elif isinstance(module, nn.MaxPool2d):
+            model.features._modules[name] = nn.AvgPool2d(2)
+    return model
+
+
+def _trained_cnn(smooth: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    model = smooth_cnn() if smooth else SmallCNN(1, 10)
     model.train()
     with torch.no_grad():  # move batch-norm running statistics away from their initial values
         for _ in range(3):
@@ -122,11 +170,13 @@ def test_score_does_not_depend_on_batch_or_probe_chunking():
     # other batch sizes, other companions, the samples in another order, one probe per pass
     parts = torch.cat([curvature(model, x[i:i + 7], y[i:i + 7], sample_ids=ids[i:i + 7], epoch=1,
                                  seed=3, probe_chunk=1).curvature for i in range(0, 40, 7)])
+    capped = curvature(model, x, y, sample_ids=ids, epoch=1, seed=3, max_pass=9).curvature
     perm = torch.randperm(40, generator=gen)
     shuffled = curvature(model, x[perm], y[perm], sample_ids=ids[perm], epoch=1, seed=3).curvature
     # fp32 finite differences: equal up to kernel rounding, relative to the scale of the scores
     atol = 1e-5 * whole.max().item()
     torch.testing.assert_close(parts, whole, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(capped, whole, rtol=1e-5, atol=atol)  # 40 cut into 5 x 8, 1 probe a pass
     torch.testing.assert_close(shuffled, whole[perm], rtol=1e-5, atol=atol)
     # ... but another epoch or seed draws other probes
     assert not torch.allclose(curvature(model, x, y, sample_ids=ids, epoch=2, seed=3).curvature, whole)
@@ -144,6 +194,20 @@ def test_probes_are_balanced_signs_and_a_function_of_their_key():
     assert 0.4 < (other_seed == v).float().mean().item() < 0.6
 
 
+def test_finite_differences_run_without_tf32_on_cuda_and_restore_it():
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "tf32"
+    try:
+        with ieee_fp32(torch.device("cuda")):  # flags only: no GPU needed to check them
+            assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+        with ieee_fp32(torch.device("cpu")):
+            assert conv.fp32_precision == "tf32"
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
+
+
 def test_bad_arguments_are_refused():
     model, x, y = _trained_cnn(), torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
     ids = torch.arange(2)
@@ -153,3 +217,11 @@ def test_bad_arguments_are_refused():
         curvature(model, x, y, sample_ids=ids, epoch=0, h=0.0)
     with pytest.raises(ValueError, match="probes must be >= 1"):
         curvature(model, x, y, sample_ids=ids, epoch=0, probes=0)
+    with pytest.raises(ValueError, match="valid: fd, hvp"):
+        curvature(model, x, y, sample_ids=ids, epoch=0, method="exact")
+    with pytest.raises(ValueError, match="mixed precision cannot resolve a finite difference"):
+        curvature(model, x, y, sample_ids=ids, epoch=0, precision="bf16")
+    with pytest.raises(ValueError, match="valid: None, bf16, fp16"):
+        curvature(model, x, y, sample_ids=ids, epoch=0, method="hvp", precision="fp8")
+    with pytest.raises(ValueError, match="max_pass must be >= 1"):
+        curvature(model, x, y, sample_ids=ids, epoch=0, max_pass=0)

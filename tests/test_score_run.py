@@ -42,7 +42,7 @@ def test_table_follows_the_contract(digits_run):
     assert by_rank["curvature"].is_monotonic_decreasing
     assert df.loc[df["curvature"].idxmin(), "percentile"] == 0.0
     assert meta["dataset"] == "digits" and meta["epochs"] == list(range(EPOCHS))
-    assert meta["h"] == 0.03 and meta["probes"] == 10 and meta["n"] == 600
+    assert meta["h"] == 0.03 and meta["probes"] == 2 and meta["n"] == 600
     assert json.loads((digits_run / "run.json").read_text())["spec"]["seed"] == 5
 
 
@@ -72,6 +72,25 @@ def test_same_seed_other_actor_count_gives_the_same_table(digits_run, digits_fla
     b = pq.read_table(other / "scores.parquet")
     assert read_metadata(a)["dataset_fingerprint"] == read_metadata(b)["dataset_fingerprint"]
     assert_same_scores(a, b)
+
+
+def test_scoring_every_other_epoch_keeps_every_loss_and_the_same_epochs(digits_run, digits_flags,
+                                                                         tmp_path):
+    """--score-every 2 over 4 epochs scores epochs 1 and 3 only, each exactly as the run scoring
+    every epoch did (same training, same probes); csl still sums all 4 epochs' losses."""
+    sparse = tmp_path / "every-2"
+    assert main(["score", *digits_flags, "--score-every", "2", "--run-dir", str(sparse)]) == 0
+    full = pq.read_table(digits_run / "scores.parquet").to_pandas()
+    got = pq.read_table(sparse / "scores.parquet")
+    assert read_metadata(got)["epochs"] == [1, 3]
+    got = got.to_pandas()
+    assert (got["epochs_scored"] == 2).all()
+    np.testing.assert_array_equal(got["csl"], full["csl"])
+    np.testing.assert_array_equal(got["final_loss"], full["final_loss"])
+    per_epoch = pq.read_table(digits_run / "curvature_by_epoch.parquet").to_pandas()
+    expected = per_epoch[per_epoch["epoch"].isin([1, 3])].groupby("sample_id")["curvature"].mean()
+    np.testing.assert_allclose(got["curvature"], expected.loc[got["sample_id"]], rtol=1e-6)
+    assert not (sparse / "epochs").exists() or not any((sparse / "epochs").iterdir())
 
 
 def test_a_folder_holding_another_run_is_refused(digits_run, digits_flags, capsys):

@@ -25,7 +25,7 @@ def test_results_have_a_row_per_trial_and_estimator(sweep_dir):
     df = pq.read_table(sweep_dir / "sweep.parquet").to_pandas()
     assert len(df) == 4
     assert sorted(zip(df["noise"], df["h"], strict=True)) == [(0.1, 0.01), (0.1, 0.03), (0.2, 0.01), (0.2, 0.03)]
-    assert (df["probes"] == 10).all() and (df["variant"] == "norm").all()
+    assert (df["probes"] == 2).all() and (df["variant"] == "norm").all()
     assert df["curvature_auroc"].between(0, 1).all() and df["csl_auroc"].between(0, 1).all()
     assert (sweep_dir / "sweep.csv").read_text().count("\n") == 5
     assert (sweep_dir / "auroc_vs_noise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -40,7 +40,7 @@ def test_training_happens_once_per_noise_rate(sweep_dir):
     for trial in trials:
         assert (trial / "train").is_dir()  # one TorchTrainer run per trial ...
         assert (trial / "scores.parquet").is_file()  # ... scored by the primary estimator (h=0.01)
-        assert (trial / "estimators" / "norm-h0.03-n10" / "scores.parquet").is_file()  # and h=0.03
+        assert (trial / "estimators" / "norm-h0.03-n2" / "scores.parquet").is_file()  # and h=0.03
 
 
 @pytest.mark.slow

@@ -36,9 +36,21 @@ SPEC_FLAGS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
     "--cpus-per-worker": ("train", "cpus_per_worker", {"type": float}),
     "--max-failures": ("train", "max_failures", {"type": int,
                                                  "help": "worker failures to recover from"}),
-    "--h": ("curvature", "h", {"type": float, "help": "perturbation size (default 1e-3)"}),
-    "--probes": ("curvature", "probes", {"type": int, "help": "Rademacher probes n (default 10)"}),
+    "--h": ("curvature", "h", {"type": float, "help": "perturbation size (default 0.03)"}),
+    "--probes": ("curvature", "probes", {"type": int, "help": "Rademacher probes n (default 2)"}),
     "--variant": ("curvature", "variant", {"help": "norm (default) or trace"}),
+    "--score-every": ("curvature", "every", {"type": int, "help": "score every k-th epoch, "
+                                                                   "counted back from the last (default 1)"}),
+    "--score-from": ("curvature", "from_epoch", {"type": int,
+                                                 "help": "first epoch scored, 0-based (default 0)"}),
+    "--method": ("curvature", "method", {"help": "fd (finite differences, default) or hvp "
+                                                 "(exact Hessian-vector products)"}),
+    "--precision": ("curvature", "precision", {"help": "fp32 (default); bf16 or fp16 mixed "
+                                                       "precision with --method hvp"}),
+    "--optimize": ("curvature", "optimize", {"action": argparse.BooleanOptionalAction,
+                                             "help": "fold batch norm, channels last (default on)"}),
+    "--compile": ("curvature", "compile", {"action": argparse.BooleanOptionalAction,
+                                           "help": "torch.compile the scoring model (default off)"}),
     "--score-batch-size": ("curvature", "batch_size", {"type": int}),
     "--actors": ("curvature", "actors", {"type": int, "help": "curvature actors (shards)"}),
     "--actor-cpus": ("curvature", "actor_cpus", {"type": float}),
