@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -186,7 +187,10 @@ def _hvp_probe_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_
                               shape=shape, dtype=x.dtype).reshape(len(idx) * batch, *shape)
         xs = x.detach().repeat(len(idx), *([1] * len(shape)))  # (k B, *shape), probe-major like v
         labels = y.repeat(len(idx))
-        _, hv = torch.func.jvp(lambda z, labels=labels: grad_of(z, labels), (xs,), (v,))  # H v
+        with warnings.catch_warnings():  # torch's forward-AD decompositions load via jit.script once
+            warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
+                                    category=FutureWarning)
+            _, hv = torch.func.jvp(lambda z, labels=labels: grad_of(z, labels), (xs,), (v,))  # H v
         norms.append((h * hv.to(x.dtype)).reshape(len(idx), batch, -1).norm(dim=-1))  # (k, B)
     return torch.cat(norms), loss, logits
 
