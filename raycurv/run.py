@@ -106,26 +106,35 @@ def _dataset_payload(data: Prepared) -> dict[str, Any]:
             "num_classes": data.num_classes}
 
 
+def shard_specs(spec: ScoreSpec, data: Prepared) -> list:
+    """What each curvature actor is told: its shard of positions, the model, the estimators."""
+    from raycurv.actors import ShardSpec
+
+    c = spec.curvature
+    return [ShardSpec(
+        index=index, start=start, stop=stop, epochs=spec.train.epochs, model=spec.train.model,
+        in_channels=data.input_shape[0], num_classes=data.num_classes, scale=data.scale,
+        mean=data.mean, std=data.std, seed=spec.seed,
+        estimators=tuple((e.h, e.probes, e.variant) for e in c.estimators),
+        batch_size=c.batch_size, method=c.method,
+        precision=None if c.precision == "fp32" else c.precision, optimize=c.optimize,
+        compile=c.compile, state_uri=storage.join(spec.run_dir, "shards", f"shard-{index:04d}.npz"))
+        for index, (start, stop) in enumerate(actor_shards(len(data), c.actors, c.batch_size))]
+
+
 def start_pool(spec: ScoreSpec, data: Prepared):
     """Create the curvature actors, each with only its shard's images in the object store."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from raycurv.actors import CurvatureActor, CurvaturePool, ShardSpec
+    from raycurv.actors import CurvatureActor, CurvaturePool
 
     # on the cluster, not inside the caller's placement group (a Tune trial's)
     outside = PlacementGroupSchedulingStrategy(placement_group=None)
     c = spec.curvature
     actors, refs = [], []
-    for index, (start, stop) in enumerate(actor_shards(len(data), c.actors, c.batch_size)):
-        shard_spec = ShardSpec(
-            index=index, start=start, stop=stop, epochs=spec.train.epochs, model=spec.train.model,
-            in_channels=data.input_shape[0], num_classes=data.num_classes, scale=data.scale,
-            mean=data.mean, std=data.std, seed=spec.seed,
-            estimators=tuple((e.h, e.probes, e.variant) for e in c.estimators),
-            batch_size=c.batch_size, method=c.method,
-            precision=None if c.precision == "fp32" else c.precision,
-            optimize=c.optimize, compile=c.compile, state_uri=storage.join(spec.run_dir, "shards", f"shard-{index:04d}.npz"))
+    for shard_spec in shard_specs(spec, data):
+        start, stop = shard_spec.start, shard_spec.stop
         shard = ray.put({"images": data.images[start:stop], "labels": data.labels[start:stop],
                          "sample_ids": data.sample_ids[start:stop]})
         refs.append(shard)

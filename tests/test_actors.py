@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from raycurv.actors import ShardScorer, ShardSpec
-from raycurv.config import DataSpec
+from raycurv.config import CurvatureSpec, DataSpec, ScoreSpec
 from raycurv.curvature import curvature
 from raycurv.data import prepare_dataset
 from raycurv.data.transforms import to_input
 from raycurv.models import build_model
+from raycurv.run import shard_specs
 from raycurv.scoring_model import prepare_for_scoring
 
 ESTIMATORS = ((0.03, 6, "norm"), (0.03, 3, "trace"), (0.01, 2, "norm"))
@@ -86,3 +87,25 @@ def test_hvp_in_half_precision_scores_like_a_direct_call(digits, tmp_path):
                                 probes=3, method="hvp").curvature for a, b in ((0, 64), (64, 100))])
     rel = np.abs(scorer.curvature[0, 0] - fp32.numpy()) / fp32.numpy()
     assert np.median(rel) < 0.05 and rel.max() > 0  # half precision: close, not equal
+
+
+def test_run_settings_reach_every_shard(digits):
+    spec = ScoreSpec(data=DataSpec(limit=300), curvature=CurvatureSpec(
+        method="hvp", precision="bf16", optimize=False, compile=True, actors=2, batch_size=64))
+    shards = shard_specs(spec, digits)
+    assert [(s.start, s.stop) for s in shards] == [(0, 128), (128, 300)]  # whole 64-batches
+    for s in shards:
+        assert (s.method, s.precision, s.optimize, s.compile) == ("hvp", "bf16", False, True)
+        assert s.estimators == ((0.03, 2, "norm"),)
+    assert shard_specs(ScoreSpec(data=DataSpec(limit=300)), digits)[0].precision is None  # fp32
+
+
+@pytest.mark.parametrize(("every", "from_epoch", "scored"), [
+    (1, 0, [0, 1, 2, 3, 4, 5, 6, 7]),
+    (3, 0, [1, 4, 7]),  # counted back from the last epoch, which is always scored
+    (1, 5, [5, 6, 7]),
+    (2, 3, [3, 5, 7]),
+])
+def test_scored_epochs(every, from_epoch, scored):
+    c = CurvatureSpec(every=every, from_epoch=from_epoch)
+    assert [e for e in range(8) if c.scores_epoch(e, 8)] == scored
