@@ -7,6 +7,7 @@ machine in one run.
     python -m bench.estimator --hvp --compile        # also method="hvp" and torch.compile
     python -m bench.estimator --device cuda --hvp    # on a GPU (bench/gpu.sh runs this)
 
+Every fp32 method runs in IEEE fp32 (on CUDA: TF32 off, as raycurv's finite differences run).
 Repetitions are interleaved (every method once per round, the order rotated each round) and
 medians of per-round ratios are reported, so that a machine shared with other work slows all
 methods alike. With one intra-op thread (the default: a Ray actor with a fractional CPU runs with
@@ -44,7 +45,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from raycurv.curvature import curvature, input_gradient, rademacher_probes, scoring_mode
+from raycurv.curvature import curvature, ieee_fp32, input_gradient, rademacher_probes, scoring_mode
 from raycurv.models import CifarResNet18, SmallCNN
 from raycurv.scoring_model import prepare_for_scoring
 
@@ -300,10 +301,12 @@ def main() -> None:
     args.clock = "cpu" if args.threads == 1 and device.type == "cpu" else "wall"
     results = {}
     for name in cases:
-        results[name] = run_case(name, args, device)
+        with ieee_fp32(device):  # every fp32 method in IEEE fp32 (no TF32 on CUDA), like for like
+            results[name] = run_case(name, args, device)
         report(name, results[name], args.clock)
     print(json.dumps({
         "bench": "estimator", "device": str(device), "threads": args.threads, "clock": args.clock,
+        "tf32": False,
         "torch": torch.__version__, "cases": results,
         "targets": {"speedup_vs_authors>=2.0": {k: r["speedup_vs_authors"] >= 2.0 for k, r in results.items()},
                     "fraction_of_limit>=0.85": {k: r["fraction_of_limit"] >= 0.85 for k, r in results.items()}},

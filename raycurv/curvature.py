@@ -208,17 +208,18 @@ HALF_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 @contextlib.contextmanager
 def ieee_fp32(device: torch.device) -> Iterator[None]:
     """Full IEEE fp32 convolutions and matrix products on CUDA (no TF32, whose 10-bit mantissa
-    would swallow a finite difference at small h), restored afterwards; elsewhere a no-op."""
+    would swallow a finite difference at small h), restored afterwards; elsewhere a no-op. Set
+    through the ``allow_tf32`` flags, which every reader of either TF32 API understands."""
     if device.type != "cuda":
         yield
         return
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
     try:
         yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 def _curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, *,
@@ -276,7 +277,8 @@ def curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sample_ids:
                          f"{tuple(y.shape)}, {tuple(sample_ids.shape)}")
     part = -(-x.shape[0] // -(-x.shape[0] // max_pass))  # the size _curvature cuts the batch to
     chunk = probe_chunk or default_probe_chunk(part, probes, max_pass=max_pass)
-    with scoring_mode(model), ieee_fp32(x.device) if method == "fd" else contextlib.nullcontext():
+    # fp32 means IEEE fp32: no TF32 for finite differences, nor for "hvp" unless in half precision
+    with scoring_mode(model), ieee_fp32(x.device) if precision is None else contextlib.nullcontext():
         return _curvature(model, x, y.long(), sample_ids.to(x.device), epoch=epoch, seed=seed,
                           h=h, probes=probes, variant=variant, probe_chunk=chunk, method=method,
                           max_pass=max_pass,

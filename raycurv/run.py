@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pydantic import ValidationError
 
 import raycurv
 from raycurv import storage
@@ -62,6 +63,15 @@ def _changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = ""
     return out
 
 
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved spec with the settings added since it was written filled in with their defaults
+    (a setting that did not exist then had its default's effect); as saved if it no longer parses."""
+    try:
+        return ScoreSpec.model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        return saved
+
+
 def check_run_dir(spec: ScoreSpec, data: Prepared) -> bool:
     """True if ``run_dir`` holds this same run (resume it); False if it is new or empty.
     A folder holding another run (other data or settings) is refused, never overwritten."""
@@ -78,7 +88,7 @@ def check_run_dir(spec: ScoreSpec, data: Prepared) -> bool:
     if record.get("dataset_fingerprint") != data.fingerprint:
         raise UsageError(f"{spec.run_dir} holds a run on other data ({record['spec']['data']['dataset']}, "
                          f"fingerprint {record.get('dataset_fingerprint')}); choose another --run-dir")
-    changed = _changed_settings(record.get("spec", {}), _spec_record(spec, data)["spec"])
+    changed = _changed_settings(_with_defaults(record.get("spec", {})), _spec_record(spec, data)["spec"])
     if changed:
         raise UsageError(f"{spec.run_dir} holds a run with other settings ({', '.join(changed)}); "
                          "choose another --run-dir")

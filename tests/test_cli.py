@@ -99,3 +99,25 @@ def test_evaluate_refuses_what_is_not_a_score_table(capsys, tmp_path):
     assert "missing columns: label" in _fails(capsys, ["evaluate", str(tmp_path)])
     (tmp_path / "scores.parquet").write_bytes(b"PAR1 truncated")
     assert "cannot read" in _fails(capsys, ["evaluate", str(tmp_path)])
+
+
+def test_a_run_folder_from_before_new_settings_still_resumes(tmp_path):
+    """run.json written before a setting existed: the missing setting counts as its default."""
+    import json
+
+    from raycurv.config import DataSpec, ScoreSpec
+    from raycurv.data import prepare_dataset
+    from raycurv.errors import UsageError
+    from raycurv.run import _spec_record, check_run_dir
+
+    spec = ScoreSpec(run_dir=str(tmp_path), data=DataSpec(limit=300))
+    data = prepare_dataset(spec.data, seed=spec.seed)
+    record = _spec_record(spec, data)
+    for key in ("every", "from_epoch", "method", "precision", "optimize", "compile"):
+        del record["spec"]["curvature"][key]
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    assert check_run_dir(spec, data) is True
+    record["spec"]["curvature"]["probes"] = 10  # a real change is still refused, and named
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    with pytest.raises(UsageError, match=r"curvature.probes 10 -> 2"):
+        check_run_dir(spec, data)

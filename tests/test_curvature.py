@@ -195,17 +195,18 @@ def test_probes_are_balanced_signs_and_a_function_of_their_key():
 
 
 def test_finite_differences_run_without_tf32_on_cuda_and_restore_it():
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    saved = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = "tf32"
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = True
     try:
         with ieee_fp32(torch.device("cuda")):  # flags only: no GPU needed to check them
-            assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
-        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+            assert (cudnn.allow_tf32, matmul.allow_tf32) == (False, False)
+            assert cudnn.conv.fp32_precision != "tf32"  # the newer API sees the same
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)
         with ieee_fp32(torch.device("cpu")):
-            assert conv.fp32_precision == "tf32"
+            assert cudnn.allow_tf32
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 def test_bad_arguments_are_refused():
