@@ -78,11 +78,13 @@ class ShardScorer:
         ``train_loss`` (N,), the epoch's per-sample training loss. Idempotent per epoch.
         ``weights`` None: an epoch the run does not score; only its training loss is kept."""
         started = time.perf_counter()
-        if epoch in self.scored_epochs or weights is None:
-            if weights is None:
-                self.train_loss[epoch] = train_loss[self.spec.start:self.spec.stop]
-                self._save()
-            return {"shard": self.spec.index, "epoch": epoch, "samples": 0, "seconds": 0.0}
+        skipped = {"shard": self.spec.index, "epoch": epoch, "samples": 0, "seconds": 0.0}
+        if weights is None:
+            self.train_loss[epoch] = train_loss[self.spec.start:self.spec.stop]
+            self._save()
+            return skipped
+        if epoch in self.scored_epochs:
+            return skipped
         self.model.load_state_dict(weights)
         s, scoring = self.spec, None
         for a, b in scoring_batches(s.start, s.stop, s.batch_size):
@@ -173,10 +175,11 @@ class CurvaturePool:
     # the shards' object refs: held so that a restarted actor can fetch its constructor arguments
     shard_refs: list[Any] = field(default_factory=list)
 
-    def submit(self, epoch: int, weights_ref: ray.ObjectRef | None,
+    def submit(self, epoch: int, weights: dict[str, torch.Tensor] | None,
                train_loss: np.ndarray) -> list[ray.ObjectRef]:
-        """Hand epoch ``epoch``'s weights (one object-store reference; None for an epoch that is not
-        scored) and training losses to every actor; no waiting."""
+        """Hand epoch ``epoch``'s weights (put in the object store once for all actors; None for an
+        epoch that is not scored) and training losses to every actor; no waiting."""
+        weights_ref = None if weights is None else ray.put(weights)
         loss_ref = ray.put(train_loss)
         return [actor.score_epoch.remote(epoch, weights_ref, loss_ref) for actor in self.actors]
 

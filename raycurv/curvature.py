@@ -223,9 +223,7 @@ def ieee_fp32(device: torch.device) -> Iterator[None]:
 
 
 def _curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, *,
-               variant: str, h: float, max_pass: int, method: str, **options) -> CurvatureResult:
-    parts = -(-x.shape[0] // max_pass)  # cut the batch into equal parts of <= max_pass samples
-    size = -(-x.shape[0] // parts)
+               variant: str, h: float, size: int, method: str, **options) -> CurvatureResult:
     pieces = [METHODS[method](model, x[a:a + size], y[a:a + size], sample_ids[a:a + size], h=h,
                               **options) for a in range(0, x.shape[0], size)]
     probe_norms = torch.cat([p[0] for p in pieces], dim=1)  # (n, B)
@@ -275,11 +273,11 @@ def curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sample_ids:
     if x.ndim < 2 or y.shape != (x.shape[0],) or sample_ids.shape != (x.shape[0],):
         raise ValueError(f"need x (B, ...), y (B,), sample_ids (B,); got {tuple(x.shape)}, "
                          f"{tuple(y.shape)}, {tuple(sample_ids.shape)}")
-    part = -(-x.shape[0] // -(-x.shape[0] // max_pass))  # the size _curvature cuts the batch to
-    chunk = probe_chunk or default_probe_chunk(part, probes, max_pass=max_pass)
+    parts = -(-x.shape[0] // max_pass)  # the batch cut into equal parts of <= max_pass samples
+    size = -(-x.shape[0] // parts)
+    chunk = probe_chunk or default_probe_chunk(size, probes, max_pass=max_pass)
     # fp32 means IEEE fp32: no TF32 for finite differences, nor for "hvp" unless in half precision
     with scoring_mode(model), ieee_fp32(x.device) if precision is None else contextlib.nullcontext():
         return _curvature(model, x, y.long(), sample_ids.to(x.device), epoch=epoch, seed=seed,
                           h=h, probes=probes, variant=variant, probe_chunk=chunk, method=method,
-                          max_pass=max_pass,
-                          half=HALF_PRECISIONS[precision] if precision else None)
+                          size=size, half=HALF_PRECISIONS[precision] if precision else None)

@@ -160,8 +160,8 @@ def _epoch_file(run_dir: str, epoch: int) -> str:
 
 
 def _hand_to_pool(pool, run_dir: str, epoch: int, model_state: dict | None, losses: np.ndarray):
-    """Put the epoch's weights in the object store once and hand the reference to every actor
-    (``model_state`` None: an epoch the run does not score; the actors keep its losses only).
+    """Hand the epoch's weights to every actor (``model_state`` None: an epoch the run does not
+    score; the actors keep its losses only).
 
     The weights and training losses also go to the run folder until the epoch is scored: if this
     worker dies, the object it owns dies with it, and a restarted run re-submits from the file.
@@ -171,7 +171,7 @@ def _hand_to_pool(pool, run_dir: str, epoch: int, model_state: dict | None, loss
     buf = io.BytesIO()
     torch.save({"epoch": epoch, "weights": weights, "train_loss": train_loss}, buf)
     storage.write_bytes(_epoch_file(run_dir, epoch), buf.getvalue())
-    return epoch, pool.submit(epoch, None if weights is None else ray.put(weights), train_loss)
+    return epoch, pool.submit(epoch, weights, train_loss)
 
 
 def _catch_up(pool, run_dir: str, start: int) -> list[tuple[int, list]]:
@@ -181,8 +181,7 @@ def _catch_up(pool, run_dir: str, start: int) -> list[tuple[int, list]]:
     for location in storage.list_files(storage.join(run_dir, "epochs")):
         saved = torch.load(io.BytesIO(storage.read_bytes(location)), weights_only=False)
         if saved["epoch"] < start:
-            weights = saved["weights"]
-            pending.append((saved["epoch"], pool.submit(saved["epoch"], None if weights is None else ray.put(weights),
+            pending.append((saved["epoch"], pool.submit(saved["epoch"], saved["weights"],
                                                         saved["train_loss"])))
     return pending
 

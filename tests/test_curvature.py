@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bench.estimator import authors_formulation
 from raycurv.curvature import curvature, ieee_fp32, rademacher_probes
 from raycurv.models import SmallCNN
 
@@ -110,22 +111,6 @@ def test_trace_mean_over_many_probes_is_trace_of_h_squared(problem):
     torch.testing.assert_close(got, tr_h2, rtol=0.05, atol=1e-12)
 
 
-def authors_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, *,
-                 epoch: int, seed: int, h: float, n: int) -> torch.Tensor:
-    """The authors' formulation, from its definition: for each probe, evaluate f(x) again,
-    differentiate the batch-mean loss difference, and average ||grad|| over probes (x B)."""
-    model.eval()
-    total = torch.zeros(len(x))
-    for j in range(n):
-        v = rademacher_probes(seed=seed, epoch=epoch, sample_ids=ids, probe_indices=torch.tensor([j]),
-                              shape=tuple(x.shape[1:]))[0]
-        xr = x.clone().requires_grad_(True)
-        diff = F.cross_entropy(model(xr + h * v), y) - F.cross_entropy(model(xr), y)
-        (g,) = torch.autograd.grad(diff, xr)
-        total += g.reshape(len(x), -1).norm(dim=1)
-    return total / n * len(x)
-
-
 def smooth_cnn() -> nn.Module:
     """SmallCNN with smooth activations and pooling: no kinks for a finite step to cross."""
     model = SmallCNN(1, 10)
@@ -156,7 +141,7 @@ def test_norm_equals_authors_formulation():
     ours = curvature(model, x, y, sample_ids=ids, epoch=2, seed=9, h=1e-3, probes=6).curvature
     assert model.training, "curvature() must restore the model's mode"
     assert all(p.requires_grad for p in model.parameters())
-    theirs = authors_norm(model, x, y, ids, epoch=2, seed=9, h=1e-3, n=6)
+    theirs = authors_formulation(model, x, y, ids, epoch=2, seed=9, h=1e-3, n=6)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-7)
 
 

@@ -44,27 +44,26 @@ def test_logits_equal_and_every_batch_norm_folded(build, shape, folds):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-def test_curvature_equal_within_1e5_where_no_kink_is_near():
-    model = _warmed(smooth_cnn(), (1, 28, 28))
-    gen = torch.Generator().manual_seed(2)
-    x, y = torch.randn(64, 1, 28, 28, generator=gen), torch.randint(0, 10, (64,), generator=gen)
-    common = dict(sample_ids=torch.arange(64), epoch=0, h=0.03, probes=4)
+def _plain_and_prepared(model: nn.Module, *, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Curvature (n,) of n random 28x28 samples on ``model`` as given and on its scoring copy."""
+    model = _warmed(model, (1, 28, 28))
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+    common = dict(sample_ids=torch.arange(n), epoch=0, h=0.03, probes=4)
     plain = curvature(model, x, y, **common).curvature
     scoring = prepare_for_scoring(model, x)
-    fast = curvature(scoring.module, x, y, max_pass=scoring.max_pass, **common).curvature
+    return plain, curvature(scoring.module, x, y, max_pass=scoring.max_pass, **common).curvature
+
+
+def test_curvature_equal_within_1e5_where_no_kink_is_near():
+    plain, fast = _plain_and_prepared(smooth_cnn(), n=64, seed=2)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=0)
 
 
 def test_relu_model_differs_only_where_rounding_flips_a_kink():
     """With ReLU and max-pool, a perturbed input within rounding of a kink can land on its
     other side in one kernel and not the other: a few samples move, the ranking does not."""
-    model = _warmed(SmallCNN(1, 10), (1, 28, 28))
-    gen = torch.Generator().manual_seed(3)
-    x, y = torch.randn(128, 1, 28, 28, generator=gen), torch.randint(0, 10, (128,), generator=gen)
-    common = dict(sample_ids=torch.arange(128), epoch=0, h=0.03, probes=4)
-    plain = curvature(model, x, y, **common).curvature
-    scoring = prepare_for_scoring(model, x)
-    fast = curvature(scoring.module, x, y, max_pass=scoring.max_pass, **common).curvature
+    plain, fast = _plain_and_prepared(SmallCNN(1, 10), n=128, seed=3)
     rel = (fast - plain).abs() / plain
     assert rel.median() < 1e-6
     assert (rel <= 1e-5).float().mean() >= 0.9
