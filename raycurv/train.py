@@ -54,7 +54,7 @@ def _load_checkpoint(model: nn.Module, opt, sched) -> int:
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as folder:
-        state = torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+        state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
     getattr(model, "module", model).load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -165,11 +165,13 @@ def _hand_to_pool(pool, run_dir: str, epoch: int, model_state: dict | None, loss
 
     The weights and training losses also go to the run folder until the epoch is scored: if this
     worker dies, the object it owns dies with it, and a restarted run re-submits from the file.
+    The file holds tensors and ints only, so `_catch_up` reads it with ``weights_only=True``.
     """
     weights = None if model_state is None else {k: v.detach().cpu() for k, v in model_state.items()}
     train_loss = losses.astype(np.float32)
     buf = io.BytesIO()
-    torch.save({"epoch": epoch, "weights": weights, "train_loss": train_loss}, buf)
+    torch.save({"epoch": epoch, "weights": weights, "train_loss": torch.from_numpy(train_loss)},
+               buf)
     storage.write_bytes(_epoch_file(run_dir, epoch), buf.getvalue())
     return epoch, pool.submit(epoch, weights, train_loss)
 
@@ -179,10 +181,10 @@ def _catch_up(pool, run_dir: str, start: int) -> list[tuple[int, list]]:
     files remain); actors skip epochs they already scored."""
     pending = []
     for location in storage.list_files(storage.join(run_dir, "epochs")):
-        saved = torch.load(io.BytesIO(storage.read_bytes(location)), weights_only=False)
+        saved = torch.load(io.BytesIO(storage.read_bytes(location)), weights_only=True)
         if saved["epoch"] < start:
             pending.append((saved["epoch"], pool.submit(saved["epoch"], saved["weights"],
-                                                        saved["train_loss"])))
+                                                        saved["train_loss"].numpy())))
     return pending
 
 
@@ -202,6 +204,9 @@ def _backpressure(pending: list[tuple[int, list]], max_lag: int, run_dir: str) -
 
 
 def _checkpoint(model, opt, sched, epoch: int) -> ray.train.Checkpoint:
+    """state.pt: the model's, optimizer's and schedule's state dicts (tensors, numbers, lists; a
+    LambdaLR keeps None for its lambda) and the epoch, all `_load_checkpoint` can read with
+    ``weights_only=True``."""
     folder = tempfile.mkdtemp(prefix="raycurv-ckpt-")
     torch.save({"model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "epoch": epoch}, os.path.join(folder, "state.pt"))

@@ -10,10 +10,10 @@ import numpy as np
 
 from raycurv.config import DataSpec
 from raycurv.data.noise import apply_noise, pick_duplicates
-from raycurv.data.sources import SOURCES, RawImages, load_source
+from raycurv.data.sources import MAX_CLASSES, SOURCES, RawImages, load_source
 from raycurv.errors import UsageError
 
-__all__ = ["SOURCES", "Prepared", "prepare_dataset", "validate_raw"]
+__all__ = ["MAX_CLASSES", "SOURCES", "Prepared", "prepare_dataset", "validate_raw"]
 
 
 @dataclass
@@ -45,8 +45,9 @@ class Prepared:
         return tuple(self.images.shape[1:])  # (C, H, W)
 
 
-def validate_raw(raw: RawImages, name: str) -> None:
-    """Reject data the estimator cannot use: wrong shapes, labels out of range, non-finite pixels."""
+def validate_raw(raw: RawImages, name: str, *, max_classes: int = MAX_CLASSES) -> None:
+    """Reject data the estimator cannot use: wrong shapes, labels out of range, non-finite pixels,
+    more than ``max_classes`` classes (the model's output layer has one unit per class)."""
     if raw.images.ndim != 4 or len(raw.images) != len(raw.labels):
         raise UsageError(f"{name}: expected N images (N, C, H, W) and N labels, got "
                          f"{raw.images.shape} and {raw.labels.shape}")
@@ -54,6 +55,10 @@ def validate_raw(raw: RawImages, name: str) -> None:
         raise UsageError(f"{name}: the dataset is empty")
     if raw.num_classes < 2:
         raise UsageError(f"{name}: need at least 2 classes, found {raw.num_classes}")
+    if raw.num_classes > max_classes:
+        raise UsageError(f"{name}: the labels make {raw.num_classes} classes (0..largest label), "
+                         f"more than the {max_classes} allowed; number the classes 0..C-1 or "
+                         "raise max_classes")
     low, high = int(raw.labels.min()), int(raw.labels.max())
     if low < 0 or high >= raw.num_classes:
         raise UsageError(f"{name}: labels out of range: found {low}..{high}, expected "
@@ -78,14 +83,18 @@ def _channel_stats(images: np.ndarray, scale: float) -> tuple[tuple[float, ...],
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-def prepare_dataset(spec: DataSpec, *, seed: int) -> Prepared:
+def prepare_dataset(spec: DataSpec, *, seed: int, max_classes: int = MAX_CLASSES) -> Prepared:
     """Load ``spec.dataset``, keep a seeded ``limit`` subset, inject noise and duplicates.
 
-    Deterministic in (spec, seed). Raises UsageError for anything the user can fix.
+    Deterministic in (spec, seed). Raises UsageError for anything the user can fix, including
+    more than ``max_classes`` classes and a ``limit`` above the dataset's size.
     """
     raw = load_source(spec.dataset, root=spec.data_root, download=spec.download,
                       image_column=spec.image_column, label_column=spec.label_column)
-    validate_raw(raw, spec.dataset)
+    validate_raw(raw, spec.dataset, max_classes=max_classes)
+    if spec.limit is not None and spec.limit > len(raw.labels):
+        raise UsageError(f"--limit {spec.limit} exceeds the {len(raw.labels)} samples of "
+                         f"{spec.dataset}")
     sample_ids = np.arange(len(raw.labels), dtype=np.int64)
     images, labels = raw.images, raw.labels
     if spec.limit is not None and spec.limit < len(labels):
