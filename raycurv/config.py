@@ -16,11 +16,19 @@ Method = Literal["fd", "hvp"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["cosine", "step", "constant"]
 
+# More classes than any image dataset has: labels beyond this are a mistake (a Parquet label of
+# 10**9 would otherwise build a billion-way output layer); --max-classes raises it.
+MAX_CLASSES = 100_000
 
-class DataSpec(BaseModel):
+
+class _Spec(BaseModel):
+    """A spec section: unknown keys and non-finite numbers (inf, NaN) are errors."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class DataSpec(_Spec):
     """Which samples, and what label noise or duplicates to inject (seeded)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     dataset: str = "digits"
     data_root: str | None = None
@@ -32,12 +40,11 @@ class DataSpec(BaseModel):
     augment: bool | None = None  # None: the dataset's own default
     image_column: str = "image"
     label_column: str = "label"
+    max_classes: int = Field(default=MAX_CLASSES, ge=2)
 
 
-class TrainSpec(BaseModel):
+class TrainSpec(_Spec):
     """SGD with momentum and weight decay; a cosine, step or constant learning-rate schedule."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str = "small_cnn"
     epochs: int = Field(default=12, ge=1)
@@ -52,10 +59,10 @@ class TrainSpec(BaseModel):
     max_failures: int = Field(default=3, ge=0)
 
 
-class EstimatorSpec(BaseModel):
+class EstimatorSpec(_Spec):
     """One estimator: h (perturbation size, in normalized input units), n probes, variant."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)  # hashable: estimators are deduplicated by value
 
     h: float = Field(default=0.03, gt=0.0)
     probes: int = Field(default=2, ge=1)
@@ -66,7 +73,7 @@ class EstimatorSpec(BaseModel):
         return f"{self.variant}-h{self.h:g}-n{self.probes}"
 
 
-class CurvatureSpec(BaseModel):
+class CurvatureSpec(_Spec):
     """The estimator (h, probes, variant; see raycurv.curvature) and the actor pool that runs it.
 
     ``also`` lists more estimators scored on the same models (a sweep's scoring-only axes): each
@@ -76,8 +83,6 @@ class CurvatureSpec(BaseModel):
     last) and ``compile`` (torch.compile) change speed and float rounding, not what is computed.
     ``every`` k and ``from_epoch`` choose the scored epochs (cost levers: see ``scores_epoch``).
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     h: float = Field(default=0.03, gt=0.0)
     probes: int = Field(default=2, ge=1)
@@ -114,10 +119,8 @@ class CurvatureSpec(BaseModel):
         return list(dict.fromkeys([primary, *self.also]))
 
 
-class ScoreSpec(BaseModel):
+class ScoreSpec(_Spec):
     """Everything a scoring run needs; `run.json` in the run folder is this, resolved."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str | None = None
     seed: int = 0
@@ -139,14 +142,18 @@ class ScoreSpec(BaseModel):
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing or malformed file is a UsageError."""
+    """Read a YAML mapping; a missing, binary, malformed or absurdly nested file is a UsageError."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise UsageError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise UsageError(f"config file {path} is nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -25,7 +25,7 @@ from raycurv.data.sharding import actor_shards
 from raycurv.errors import UsageError
 from raycurv.evaluate import evaluate_table
 from raycurv.models import MODELS
-from raycurv.rundata import RUN_FILE
+from raycurv.rundata import RUN_FILE, read_run_record
 from raycurv.table import BY_EPOCH_FILE, BY_EPOCH_SCHEMA, SCORES_FILE, build_table
 
 
@@ -45,7 +45,9 @@ def _spec_record(spec: ScoreSpec, data: Prepared) -> dict[str, Any]:
 
 
 # Settings that change where or how fast a run goes, not its results: a resumed run may differ in them.
-_PLACEMENT = {"train.cpus_per_worker", "train.gpus_per_worker", "train.max_failures",
+# run_dir: the record is read from the folder itself, so how the folder is spelled (relative,
+# absolute, file://) is not a setting.
+_PLACEMENT = {"run_dir", "data.max_classes", "train.cpus_per_worker", "train.gpus_per_worker", "train.max_failures",
               "curvature.actor_cpus", "curvature.actor_gpus", "curvature.max_lag", "name",
               "curvature.optimize", "curvature.compile"}  # speed and rounding only
 
@@ -75,20 +77,16 @@ def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
 def check_run_dir(spec: ScoreSpec, data: Prepared) -> bool:
     """True if ``run_dir`` holds this same run (resume it); False if it is new or empty.
     A folder holding another run (other data or settings) is refused, never overwritten."""
-    saved = storage.read_bytes(storage.join(spec.run_dir, RUN_FILE))
-    if saved is None:
+    record = read_run_record(spec.run_dir)
+    if record is None:
         if storage.exists(storage.join(spec.run_dir, SCORES_FILE)):
             raise UsageError(f"{spec.run_dir} holds a score table but no {RUN_FILE}; "
                              "choose another --run-dir")
         return False
-    try:
-        record = json.loads(saved)
-    except json.JSONDecodeError:
-        raise UsageError(f"{spec.run_dir}/{RUN_FILE} is not JSON; choose another --run-dir") from None
     if record.get("dataset_fingerprint") != data.fingerprint:
-        raise UsageError(f"{spec.run_dir} holds a run on other data ({record['spec']['data']['dataset']}, "
+        raise UsageError(f"{spec.run_dir} holds a run on other data ({record['spec']['data'].get('dataset')}, "
                          f"fingerprint {record.get('dataset_fingerprint')}); choose another --run-dir")
-    changed = _changed_settings(_with_defaults(record.get("spec", {})), _spec_record(spec, data)["spec"])
+    changed = _changed_settings(_with_defaults(record["spec"]), _spec_record(spec, data)["spec"])
     if changed:
         raise UsageError(f"{spec.run_dir} holds a run with other settings ({', '.join(changed)}); "
                          "choose another --run-dir")
@@ -97,6 +95,7 @@ def check_run_dir(spec: ScoreSpec, data: Prepared) -> bool:
 
 def validate_spec(spec: ScoreSpec) -> Prepared:
     """All checks that need no cluster; returns the prepared dataset."""
+    storage.check_writable_folder(spec.run_dir)
     if spec.train.model not in MODELS:
         raise UsageError(f"unknown model {spec.train.model!r}; valid: {', '.join(MODELS)}")
     data = prepare_dataset(spec.data, seed=spec.seed)

@@ -33,9 +33,11 @@ def read_run_record(run_dir: str) -> dict[str, Any] | None:
         return None
     try:
         record = json.loads(raw)
-        record["spec"]["data"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UsageError(f"{run_dir}/{RUN_FILE} does not hold a run spec") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        record = None
+    if not (isinstance(record, dict) and isinstance(record.get("spec"), dict)
+            and isinstance(record["spec"].get("data"), dict)):
+        raise UsageError(f"{run_dir}/{RUN_FILE} does not hold a run spec")
     return record
 
 

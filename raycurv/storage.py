@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from raycurv.errors import UsageError
 
 
 def is_uri(location: str) -> bool:
@@ -93,3 +97,51 @@ def list_files(location: str) -> list[str]:
         return []
     infos = fs.get_file_info(pafs.FileSelector(path))
     return sorted(join(location, info.base_name) for info in infos if info.type == pafs.FileType.File)
+
+
+def _local_path(location: str) -> Path | None:
+    """The local path behind a plain path or a file:// URI; None for other filesystems."""
+    if not is_uri(location):
+        return Path(location).absolute()
+    if str(location).startswith("file://"):
+        return Path(_resolve(location)[1])
+    return None
+
+
+def check_writable_folder(location: str) -> None:
+    """Refuse, with one line, a ``location`` that cannot be (or become) a writable folder.
+
+    Writes and removes a probe file in the folder or its nearest existing parent: the one test
+    that sees read-only mounts, permissions and object-store credentials alike. Nothing stays.
+    Raises UsageError.
+    """
+    local = _local_path(location)
+    try:
+        if local is not None:
+            _check_local_folder(local, location)
+        else:
+            _check_remote_folder(location)
+    except (OSError, pa.ArrowException) as exc:
+        reason = (getattr(exc, "strerror", None) or str(exc)).splitlines()[0]
+        reason = re.sub(r"\s*\(Request ID: [^)]*\)", "", reason)  # noise in a one-line error
+        raise UsageError(f"cannot write to {location}: {reason}") from None
+
+
+def _check_local_folder(path: Path, location: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{location} is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{location} lies under {existing}, which is a file")
+    with tempfile.TemporaryFile(prefix=".raycurv-write-check.", dir=existing):
+        pass
+
+
+def _check_remote_folder(location: str) -> None:
+    fs, path = _resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        raise UsageError(f"{location} is a file, not a folder")
+    probe = f"{path.rstrip('/')}/.raycurv-write-check"
+    with fs.open_output_stream(probe) as out:
+        out.write(b"")
+    fs.delete_file(probe)

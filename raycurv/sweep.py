@@ -36,7 +36,7 @@ METRICS = ("auroc", "ap", "precision_at_k")
 class SweepSpec(BaseModel):
     """A sweep file: a base run spec and the axes to vary."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base: dict[str, Any] = Field(default_factory=dict)  # a `raycurv score --config` spec
     grid: dict[str, list[Any]]  # axis -> values
@@ -186,6 +186,7 @@ def run_sweep(sweep: SweepSpec, sweep_dir: str, *, address: str | None = None) -
 
     from raycurv.cluster import ensure_ray
 
+    storage.check_writable_folder(sweep_dir)
     base = trial_spec(sweep, training_points(sweep)[0], sweep_dir)
     t, c = base.train, base.curvature
     ensure_ray(address, cpus_needed=sweep.max_concurrent * (0.1 + t.workers * t.cpus_per_worker

@@ -53,3 +53,55 @@ def digits_run(ray_cluster, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "digits"
     assert main(["score", *DIGITS_FLAGS, "--run-dir", str(run_dir)]) == 0
     return run_dir
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible endpoint (moto's standalone server) on a loopback port, reached like
+    any S3 store through AWS_ENDPOINT_URL and the key variables. Yields those variables; use
+    ``s3_env`` to set them for a test. The bucket ``raycurv`` exists."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the S3 test server did not start") from None
+                time.sleep(0.2)
+        from pyarrow import fs
+
+        fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing",
+                        secret_key="testing", region="us-east-1",
+                        allow_bucket_creation=True).create_dir("raycurv")
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The S3 test server's variables set in os.environ for one test."""
+    for name, value in s3_server.items():
+        monkeypatch.setenv(name, value)
+    return s3_server

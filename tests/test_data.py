@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from raycurv.config import DataSpec
-from raycurv.data import MAX_CLASSES, prepare_dataset
+from raycurv.config import MAX_CLASSES, DataSpec
+from raycurv.data import prepare_dataset
 from raycurv.data.noise import apply_noise
 from raycurv.data.sharding import actor_shards, epoch_batches, scoring_batches
 from raycurv.errors import UsageError
@@ -130,10 +130,10 @@ class _Planted:
         return os.system, (f"touch {shlex.quote(str(self.marker))}",)
 
 
-def _usage_error(spec: DataSpec, **kwargs) -> str:
+def _usage_error(spec: DataSpec) -> str:
     """prepare_dataset's UsageError message, asserted to be one line."""
     with pytest.raises(UsageError) as info:
-        prepare_dataset(spec, seed=0, **kwargs)
+        prepare_dataset(spec, seed=0)
     message = str(info.value)
     assert "\n" not in message and message.strip() == message
     return message
@@ -255,8 +255,8 @@ def test_null_label_message_counts_and_places_the_nulls(tmp_path):
 
 def test_max_classes_is_an_override_both_ways(tmp_path):
     spec = _parquet_spec(tmp_path, [_SQUARE] * 2, [0, 150_000])
-    assert prepare_dataset(spec, seed=0, max_classes=200_000).num_classes == 150_001
-    assert "digits: the labels make 10 classes" in _usage_error(DataSpec(), max_classes=2)
+    assert prepare_dataset(spec.model_copy(update={"max_classes": 200_000}), seed=0).num_classes == 150_001
+    assert "digits: the labels make 10 classes" in _usage_error(DataSpec(max_classes=2))
 
 
 def test_limit_equal_to_n_keeps_every_sample():

@@ -84,7 +84,9 @@ def test_killed_curvature_actor_restarts_without_losing_or_double_counting(digit
     assert_same_scores(_table(digits_run), _table(run_dir))
 
 
-def test_stopped_driver_resumes_when_the_command_runs_again(digits_run, digits_flags, ray_cluster, tmp_path):
+def test_stopped_driver_resumes_when_the_command_runs_again(digits_run, digits_flags, ray_cluster, tmp_path,
+                                                          monkeypatch):
+    """Started with an absolute --run-dir, resumed with a relative one: the same run."""
     run_dir = tmp_path / "driver-stopped"
     argv = [sys.executable, "-m", "raycurv.cli", "score", *digits_flags, "--run-dir", str(run_dir),
             "--address", ray_cluster]
@@ -96,7 +98,8 @@ def test_stopped_driver_resumes_when_the_command_runs_again(digits_run, digits_f
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "scores.parquet").exists()
-    assert main(["score", *digits_flags, "--run-dir", str(run_dir)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["score", *digits_flags, "--run-dir", "driver-stopped"]) == 0
     assert_same_scores(_table(digits_run), _table(run_dir))
 
 

@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
+
+from raycurv.errors import UsageError
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every real-valued flag: a number, and finite (inf and nan are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 # flag -> (spec section or None for the top level, field, argparse kwargs)
 SPEC_FLAGS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
@@ -13,7 +27,7 @@ SPEC_FLAGS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
     "--download": ("data", "download", {"action": "store_const", "const": True,
                                         "help": "download CIFAR when missing (never by default)"}),
     "--limit": ("data", "limit", {"type": int, "help": "keep a seeded subset of N samples"}),
-    "--noise": ("data", "noise", {"type": float, "help": "label-noise rate in [0, 1)"}),
+    "--noise": ("data", "noise", {"type": finite_float, "help": "label-noise rate in [0, 1)"}),
     "--noise-kind": ("data", "noise_kind", {"help": "symmetric (default) or pairwise"}),
     "--duplicates": ("data", "duplicates", {"type": int,
                                             "help": "append M copies of images with a conflicting label"}),
@@ -21,22 +35,24 @@ SPEC_FLAGS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
                                       "help": "random crop + flip in training (default: per dataset)"}),
     "--image-column": ("data", "image_column", {"help": "parquet source: image column"}),
     "--label-column": ("data", "label_column", {"help": "parquet source: label column"}),
+    "--max-classes": ("data", "max_classes", {"type": int, "help": "refuse labels that make more "
+                                                                   "classes (default 100000)"}),
     "--seed": (None, "seed", {"type": int}),
     "--name": (None, "name", {"help": "run name (default: the run folder's name)"}),
     "--run-dir": (None, "run_dir", {"help": "run folder: a path or a pyarrow URI (s3://, gs://)"}),
     "--model": ("train", "model", {"help": "small_cnn (default), resnet18_cifar, resnet18, resnet50"}),
     "--epochs": ("train", "epochs", {"type": int}),
     "--batch-size": ("train", "batch_size", {"type": int, "help": "training batch per worker"}),
-    "--lr": ("train", "lr", {"type": float}),
-    "--momentum": ("train", "momentum", {"type": float}),
-    "--weight-decay": ("train", "weight_decay", {"type": float}),
+    "--lr": ("train", "lr", {"type": finite_float}),
+    "--momentum": ("train", "momentum", {"type": finite_float}),
+    "--weight-decay": ("train", "weight_decay", {"type": finite_float}),
     "--schedule": ("train", "schedule", {"help": "cosine (default), step or constant"}),
     "--workers": ("train", "workers", {"type": int, "help": "data-parallel training workers"}),
-    "--gpus-per-worker": ("train", "gpus_per_worker", {"type": float}),
-    "--cpus-per-worker": ("train", "cpus_per_worker", {"type": float}),
+    "--gpus-per-worker": ("train", "gpus_per_worker", {"type": finite_float}),
+    "--cpus-per-worker": ("train", "cpus_per_worker", {"type": finite_float}),
     "--max-failures": ("train", "max_failures", {"type": int,
                                                  "help": "worker failures to recover from"}),
-    "--h": ("curvature", "h", {"type": float, "help": "perturbation size (default 0.03)"}),
+    "--h": ("curvature", "h", {"type": finite_float, "help": "perturbation size (default 0.03)"}),
     "--probes": ("curvature", "probes", {"type": int, "help": "Rademacher probes n (default 2)"}),
     "--variant": ("curvature", "variant", {"help": "norm (default) or trace"}),
     "--score-every": ("curvature", "every", {"type": int, "help": "score every k-th epoch, "
@@ -53,8 +69,8 @@ SPEC_FLAGS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
                                            "help": "torch.compile the scoring model (default off)"}),
     "--score-batch-size": ("curvature", "batch_size", {"type": int}),
     "--actors": ("curvature", "actors", {"type": int, "help": "curvature actors (shards)"}),
-    "--actor-cpus": ("curvature", "actor_cpus", {"type": float}),
-    "--actor-gpus": ("curvature", "actor_gpus", {"type": float}),
+    "--actor-cpus": ("curvature", "actor_cpus", {"type": finite_float}),
+    "--actor-gpus": ("curvature", "actor_gpus", {"type": finite_float}),
     "--max-lag": ("curvature", "max_lag", {"type": int,
                                            "help": "epochs in flight before training waits"}),
 }
@@ -89,12 +105,10 @@ def add_window_and_duplicate_flags(parser: argparse.ArgumentParser) -> None:
                         help="score by the mean curvature of epochs A..B-1 (from curvature_by_epoch.parquet)")
     parser.add_argument("--duplicates", action=argparse.BooleanOptionalAction, default=True,
                         help="find exact and near duplicate images (default on; needs the run's data)")
-    parser.add_argument("--near-threshold", type=float, metavar="D",
+    parser.add_argument("--near-threshold", type=finite_float, metavar="D",
                         help="aligned distance for near duplicates (default 0.15; see raycurv.duplicates)")
 
 
 def check_near_threshold(value: float | None) -> None:
-    from raycurv.errors import UsageError
-
     if value is not None and not 0 <= value <= 2:
         raise UsageError(f"--near-threshold must lie in [0, 2], got {value:g}")

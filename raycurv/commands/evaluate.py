@@ -6,14 +6,18 @@ from __future__ import annotations
 import argparse
 import json
 
-from raycurv.commands._common import add_window_and_duplicate_flags, check_near_threshold
+from raycurv.commands._common import (
+    add_window_and_duplicate_flags,
+    check_near_threshold,
+    finite_float,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder (or its scores.parquet)")
     parser.add_argument("--reference", metavar="FILE",
                         help="a reference table from `raycurv reference`: report agreement with it")
-    parser.add_argument("--top-k", type=float, default=0.1, metavar="K",
+    parser.add_argument("--top-k", type=finite_float, default=0.1, metavar="K",
                         help="agreement on the reference's top K samples: a share if < 1 (default 0.1), else a count")
     add_window_and_duplicate_flags(parser)
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")

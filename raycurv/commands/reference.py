@@ -6,7 +6,13 @@ import argparse
 import json
 from typing import Any
 
-from raycurv.commands._common import SPEC_FLAGS, add_address, add_spec_flags, spec_overrides
+from raycurv.commands._common import (
+    SPEC_FLAGS,
+    add_address,
+    add_spec_flags,
+    finite_float,
+    spec_overrides,
+)
 from raycurv.errors import UsageError
 
 # The dataset and training flags of `raycurv score` that mean the same here.
@@ -22,14 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="reference table to write (default: RUN/reference.parquet "
                                       "with --from-run, else runs/reference/reference.parquet)")
     parser.add_argument("--models", type=int, help="M, models trained (default 1000)")
-    parser.add_argument("--keep", type=float, help="share of the data each model trains on (default 0.7)")
+    parser.add_argument("--keep", type=finite_float, help="share of the data each model trains on (default 0.7)")
     parser.add_argument("--model", dest="ref_model", choices=("mlp", "cnn"),
                         help="mlp (default; one hidden layer) or cnn (two grouped conv layers)")
     parser.add_argument("--width", type=int, help="hidden units of the mlp (default 256); the "
                                                   "cnn uses width/8 and width/4 channels")
     parser.add_argument("--models-per-task", type=int, help="models trained together per Ray task (default 100)")
-    parser.add_argument("--task-cpus", type=float, help="CPUs per Ray task (default 1)")
-    parser.add_argument("--task-gpus", type=float, help="GPUs per Ray task (default 0)")
+    parser.add_argument("--task-cpus", type=finite_float, help="CPUs per Ray task (default 1)")
+    parser.add_argument("--task-gpus", type=finite_float, help="GPUs per Ray task (default 0)")
     add_spec_flags(parser, skip=tuple(f for f in SPEC_FLAGS if f not in SHARED_FLAGS))
     add_address(parser)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")

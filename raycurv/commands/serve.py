@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from raycurv.commands._common import finite_float
 from raycurv.errors import UsageError
 from raycurv.serve.launch import DEFAULT_INGRESS, INGRESS_ENV
 from raycurv.serve.settings import DEFAULT_RELOAD_INTERVAL_S, DEFAULT_REPLICA_CPUS, TOKEN_ENV
@@ -17,12 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (8000)")
     parser.add_argument("--replicas", type=int, default=1, help="Serve replicas (1)")
-    parser.add_argument("--replica-cpus", type=float, default=DEFAULT_REPLICA_CPUS,
+    parser.add_argument("--replica-cpus", type=finite_float, default=DEFAULT_REPLICA_CPUS,
                         help=f"logical CPUs per replica ({DEFAULT_REPLICA_CPUS})")
     parser.add_argument("--token", default=None,
                         help=f"bearer token required on every route but /healthz "
                              f"(default: ${TOKEN_ENV}; none: open)")
-    parser.add_argument("--reload-interval", type=float, default=DEFAULT_RELOAD_INTERVAL_S,
+    parser.add_argument("--reload-interval", type=finite_float, default=DEFAULT_RELOAD_INTERVAL_S,
                         metavar="SECONDS", help="seconds between checks for replaced tables (5)")
     parser.add_argument("--ingress", choices=sorted(INGRESS_ENV), default=DEFAULT_INGRESS,
                         help=f"Ray Serve ingress option for a local cluster ({DEFAULT_INGRESS}, "

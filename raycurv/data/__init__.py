@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raycurv.config import DataSpec
+from raycurv.config import MAX_CLASSES, DataSpec
 from raycurv.data.noise import apply_noise, pick_duplicates
-from raycurv.data.sources import MAX_CLASSES, SOURCES, RawImages, load_source
+from raycurv.data.sources import SOURCES, RawImages, load_source
 from raycurv.errors import UsageError
 
-__all__ = ["MAX_CLASSES", "SOURCES", "Prepared", "prepare_dataset", "validate_raw"]
+__all__ = ["SOURCES", "Prepared", "prepare_dataset", "validate_raw"]
 
 
 @dataclass
@@ -58,7 +58,7 @@ def validate_raw(raw: RawImages, name: str, *, max_classes: int = MAX_CLASSES) -
     if raw.num_classes > max_classes:
         raise UsageError(f"{name}: the labels make {raw.num_classes} classes (0..largest label), "
                          f"more than the {max_classes} allowed; number the classes 0..C-1 or "
-                         "raise max_classes")
+                         "raise --max-classes")
     low, high = int(raw.labels.min()), int(raw.labels.max())
     if low < 0 or high >= raw.num_classes:
         raise UsageError(f"{name}: labels out of range: found {low}..{high}, expected "
@@ -83,15 +83,15 @@ def _channel_stats(images: np.ndarray, scale: float) -> tuple[tuple[float, ...],
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-def prepare_dataset(spec: DataSpec, *, seed: int, max_classes: int = MAX_CLASSES) -> Prepared:
+def prepare_dataset(spec: DataSpec, *, seed: int) -> Prepared:
     """Load ``spec.dataset``, keep a seeded ``limit`` subset, inject noise and duplicates.
 
     Deterministic in (spec, seed). Raises UsageError for anything the user can fix, including
-    more than ``max_classes`` classes and a ``limit`` above the dataset's size.
+    more than ``spec.max_classes`` classes and a ``limit`` above the dataset's size.
     """
     raw = load_source(spec.dataset, root=spec.data_root, download=spec.download,
                       image_column=spec.image_column, label_column=spec.label_column)
-    validate_raw(raw, spec.dataset, max_classes=max_classes)
+    validate_raw(raw, spec.dataset, max_classes=spec.max_classes)
     if spec.limit is not None and spec.limit > len(raw.labels):
         raise UsageError(f"--limit {spec.limit} exceeds the {len(raw.labels)} samples of "
                          f"{spec.dataset}")

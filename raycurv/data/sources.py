@@ -25,10 +25,6 @@ import numpy as np
 
 from raycurv.errors import UsageError
 
-# More classes than any image dataset has: labels beyond this are a mistake (a Parquet label of
-# 10**9 would otherwise build a billion-way output layer). Callers may pass a larger max_classes.
-MAX_CLASSES = 100_000
-
 
 def _first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line (its type name if it has none)."""
