@@ -22,7 +22,8 @@ from bench._runs import run_args, spec, start_ray, timed
 from raycurv.actors import ShardScorer, ShardSpec
 from raycurv.data import prepare_dataset
 from raycurv.models import build_model
-from raycurv.run import fit, score_run, validate_spec
+from raycurv.run import score_run, validate_spec
+from raycurv.train import fit
 
 
 def train_only(run_spec) -> None:
@@ -35,7 +36,7 @@ def scoring_alone(run_spec) -> float:
     c = run_spec.curvature
     shard = ShardSpec(index=0, start=0, stop=len(data), epochs=run_spec.train.epochs,
                       model=run_spec.train.model, in_channels=data.input_shape[0],
-                      num_classes=data.num_classes, scale=data.scale, mean=data.mean, std=data.std,
+                      num_classes=data.num_classes, norm=data.norm,
                       seed=run_spec.seed, estimators=((c.h, c.probes, c.variant),),
                       batch_size=c.batch_size, state_uri=f"{run_spec.run_dir}/alone.npz")
     scorer = ShardScorer(shard, data.images, data.labels, data.sample_ids)

@@ -43,7 +43,7 @@ from raycurv.data.transforms import crop_padding, to_input
 from raycurv.evaluate import detection
 from raycurv.models import build_model
 from raycurv.scoring_model import prepare_for_scoring
-from raycurv.train import SCHEDULES, _train_epoch
+from raycurv.train import SCHEDULES, TrainData, _train_epoch
 
 PROBES = (1, 2, 5, 10)
 
@@ -54,8 +54,7 @@ def train_and_score(spec: ScoreSpec, *, probes: int, method: str = "fd", log=pri
     (E, N)."""
     data = prepare_dataset(spec.data, seed=spec.seed)
     t, c = spec.train, spec.curvature
-    payload = {"images": data.images, "labels": data.labels, "scale": data.scale,
-               "mean": data.mean, "std": data.std}
+    payload = TrainData.of(data)
     torch.manual_seed(spec.seed)
     model = build_model(t.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
@@ -74,15 +73,14 @@ def train_and_score(spec: ScoreSpec, *, probes: int, method: str = "fd", log=pri
         batches = epoch_batches(n, world_size=1, rank=0, batch_size=t.batch_size, seed=spec.seed,
                                 epoch=epoch)
         losses, correct = _train_epoch(model, opt, payload, batches, device="cpu",
-                                       generator=generator, pad=pad, flip=data.flip,
-                                       do_augment=data.augment)
+                                       generator=generator, pad=pad)
         sched.step()
         train_loss[epoch] = losses
         seconds["train"] += time.perf_counter() - tic
         tic = time.perf_counter()
         scoring = None
         for a, b in scoring_batches(0, n, c.batch_size):
-            x = to_input(data.images[a:b], scale=data.scale, mean=data.mean, std=data.std)
+            x = to_input(data.images[a:b], data.norm)
             y = torch.as_tensor(data.labels[a:b])
             scoring = scoring or prepare_for_scoring(model, x)  # as a curvature actor does
             out = curvature(scoring.module, x, y, sample_ids=ids[a:b], epoch=epoch, seed=spec.seed,

@@ -298,10 +298,10 @@ def main() -> int:
         print(json.dumps(child_big(Path(args.child_big))))
         return 0
 
-    from raycurv.table import write_scores
+    from raycurv.runfolder import RunFolder
 
     work = Path(tempfile.mkdtemp(prefix="raycurv-bench-"))
-    write_scores(synthetic_table(args.rows), work / "runs" / "bench")
+    RunFolder(str(work / "runs" / "bench")).write_scores(synthetic_table(args.rows))
     results = {}
     for mode in args.modes:
         started = time.monotonic()
@@ -313,7 +313,7 @@ def main() -> int:
     big = {}
     if args.big_rows:
         started = time.perf_counter()
-        write_scores(synthetic_table(args.big_rows, run="big"), work / "big")
+        RunFolder(str(work / "big")).write_scores(synthetic_table(args.big_rows, run="big"))
         big = _child(["--child-big", str(work / "big")], timeout_s=300)
         big["write_s"] = round(time.perf_counter() - started, 1)
 

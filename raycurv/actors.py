@@ -5,6 +5,7 @@ it once, and persisted after every epoch, so a restarted actor resumes where it 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,13 +13,17 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raycurv import storage
+from raycurv.config import ScoreSpec
 from raycurv.curvature import curvature, reduce_probe_norms
-from raycurv.data.sharding import scoring_batches
+from raycurv.data import Normalization, Prepared
+from raycurv.data.sharding import actor_shards, scoring_batches
 from raycurv.data.transforms import to_input
 from raycurv.metrics import record_scoring
 from raycurv.models import build_model
+from raycurv.runfolder import RunFolder
 from raycurv.scoring_model import ScoringModel, prepare_for_scoring
 
 
@@ -33,9 +38,7 @@ class ShardSpec:
     model: str
     in_channels: int
     num_classes: int
-    scale: float
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    norm: Normalization
     seed: int
     estimators: tuple[tuple[float, int, str], ...]  # (h, probes, variant); the first is primary
     batch_size: int
@@ -89,7 +92,7 @@ class ShardScorer:
         s, scoring = self.spec, None
         for a, b in scoring_batches(s.start, s.stop, s.batch_size):
             lo, hi = a - s.start, b - s.start
-            x = to_input(self.images[lo:hi], scale=s.scale, mean=s.mean, std=s.std, device=self.device)
+            x = to_input(self.images[lo:hi], s.norm, device=self.device)
             if scoring is None:  # once per epoch's weights
                 scoring = prepare_for_scoring(self.model, x, fold_batch_norm=s.optimize,
                                               channels_last=s.optimize, compile=s.compile)
@@ -161,8 +164,6 @@ class CurvatureActor:
         return self.scorer.state()
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
 
@@ -189,3 +190,56 @@ class CurvaturePool:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+
+
+# --- the pool of a scoring run ------------------------------------------------------------------
+
+def shard_specs(spec: ScoreSpec, data: Prepared) -> list[ShardSpec]:
+    """What each curvature actor is told: its shard of positions, the model, the estimators."""
+    c = spec.curvature
+    folder = RunFolder(spec.run_dir)
+    return [ShardSpec(
+        index=index, start=start, stop=stop, epochs=spec.train.epochs, model=spec.train.model,
+        in_channels=data.input_shape[0], num_classes=data.num_classes, norm=data.norm,
+        seed=spec.seed, estimators=tuple((e.h, e.probes, e.variant) for e in c.estimators),
+        batch_size=c.batch_size, method=c.method,
+        precision=None if c.precision == "fp32" else c.precision, optimize=c.optimize,
+        compile=c.compile, state_uri=folder.shard_state(index))
+        for index, (start, stop) in enumerate(actor_shards(len(data), c.actors, c.batch_size))]
+
+
+def start_pool(spec: ScoreSpec, data: Prepared) -> CurvaturePool:
+    """Create the curvature actors, each with only its shard's images in the object store."""
+    # on the cluster, not inside the caller's placement group (a Tune trial's)
+    outside = PlacementGroupSchedulingStrategy(placement_group=None)
+    c = spec.curvature
+    actors, refs = [], []
+    for shard_spec in shard_specs(spec, data):
+        start, stop = shard_spec.start, shard_spec.stop
+        shard = ray.put({"images": data.images[start:stop], "labels": data.labels[start:stop],
+                         "sample_ids": data.sample_ids[start:stop]})
+        refs.append(shard)
+        actors.append(CurvatureActor.options(num_cpus=c.actor_cpus, num_gpus=c.actor_gpus,
+                                             scheduling_strategy=outside)
+                      .remote(shard_spec, shard, spec.run_name))
+    return CurvaturePool(actors=actors, max_lag=c.max_lag, shard_refs=refs)
+
+
+def merge_states(states: list[dict[str, np.ndarray]], data: Prepared) -> dict[str, np.ndarray]:
+    """Per-shard actor states -> per-sample arrays in dataset order, and ``by_epoch``, the
+    (estimators, epochs, N) per-epoch curvature, NaN where an epoch was not scored."""
+    ordered = sorted(states, key=lambda s: int(s["start"]))
+    by_epoch = np.concatenate([s["curvature"] for s in ordered], axis=2)
+    train_loss = np.concatenate([s["train_loss"] for s in ordered], axis=1)
+    if not (~np.isnan(by_epoch)).any(axis=1).all():
+        missing = int((~(~np.isnan(by_epoch)).any(axis=1)).sum())
+        raise RuntimeError(f"{missing} (estimator, sample) pairs were never scored")
+    return {
+        "sample_id": data.sample_ids, "label": data.labels, "original_label": data.original_labels,
+        "corrupted": data.corrupted, "duplicate_of": data.duplicate_of,
+        "csl": np.nansum(train_loss, axis=0),
+        "final_loss": np.concatenate([s["final_loss"] for s in ordered]),
+        "final_confidence": np.concatenate([s["final_confidence"] for s in ordered]),
+        "final_pred": np.concatenate([s["final_pred"] for s in ordered]),
+        "by_epoch": by_epoch,
+    }

@@ -16,6 +16,12 @@ Method = Literal["fd", "hvp"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["cosine", "step", "constant"]
 
+# The estimator's defaults (see the README's "Defaults, chosen by measurement"): h in normalized
+# input units, n Rademacher probes, the "norm" variant.
+DEFAULT_H = 0.03
+DEFAULT_PROBES = 2
+DEFAULT_VARIANT: Variant = "norm"
+
 # More classes than any image dataset has: labels beyond this are a mistake (a Parquet label of
 # 10**9 would otherwise build a billion-way output layer); --max-classes raises it.
 MAX_CLASSES = 100_000
@@ -64,9 +70,9 @@ class EstimatorSpec(_Spec):
 
     model_config = ConfigDict(frozen=True)  # hashable: estimators are deduplicated by value
 
-    h: float = Field(default=0.03, gt=0.0)
-    probes: int = Field(default=2, ge=1)
-    variant: Variant = "norm"
+    h: float = Field(default=DEFAULT_H, gt=0.0)
+    probes: int = Field(default=DEFAULT_PROBES, ge=1)
+    variant: Variant = DEFAULT_VARIANT
 
     @property
     def name(self) -> str:
@@ -84,9 +90,9 @@ class CurvatureSpec(_Spec):
     ``every`` k and ``from_epoch`` choose the scored epochs (cost levers: see ``scores_epoch``).
     """
 
-    h: float = Field(default=0.03, gt=0.0)
-    probes: int = Field(default=2, ge=1)
-    variant: Variant = "norm"
+    h: float = Field(default=DEFAULT_H, gt=0.0)
+    probes: int = Field(default=DEFAULT_PROBES, ge=1)
+    variant: Variant = DEFAULT_VARIANT
     also: list[EstimatorSpec] = Field(default_factory=list)
     batch_size: int = Field(default=256, ge=1)
     actors: int = Field(default=1, ge=1)
@@ -120,7 +126,7 @@ class CurvatureSpec(_Spec):
 
 
 class ScoreSpec(_Spec):
-    """Everything a scoring run needs; `run.json` in the run folder is this, resolved."""
+    """Everything a scoring run needs; the run folder's record (raycurv.runfolder) holds it, resolved."""
 
     name: str | None = None
     seed: int = 0

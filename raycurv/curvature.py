@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from raycurv.config import DEFAULT_H, DEFAULT_PROBES, DEFAULT_VARIANT  # constants only, no I/O
+
 _M32 = 0xFFFFFFFF
 
 
@@ -240,7 +242,8 @@ def _curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_ids: t
 
 
 def curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sample_ids: torch.Tensor,
-              epoch: int, seed: int = 0, h: float = 1e-3, probes: int = 10, variant: str = "norm",
+              epoch: int, seed: int = 0, h: float = DEFAULT_H, probes: int = DEFAULT_PROBES,
+              variant: str = DEFAULT_VARIANT,
               method: str = "fd", precision: str | None = None, max_pass: int = 512,
               probe_chunk: int | None = None) -> CurvatureResult:
     """Score a batch: x (B, C, H, W) normalized, unaugmented inputs; y (B,) labels the model was

@@ -3,7 +3,6 @@ whose labels were corrupted, or the injected conflicting duplicates. Higher scor
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,6 +10,8 @@ import pyarrow as pa
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from raycurv.errors import UsageError
+from raycurv.runfolder import BY_EPOCH_FILE, RunFolder, read_run_scores
+from raycurv.table import TableError
 
 SCORES = ("curvature", "csl", "final_loss")
 
@@ -133,20 +134,16 @@ def with_curvature(table: pa.Table, curvature: np.ndarray, epochs_scored: np.nda
     return table
 
 
-def read_epoch_window(run_dir: str, table: pa.Table, epochs: str) -> pa.Table:
+def read_epoch_window(folder: RunFolder, table: pa.Table, epochs: str) -> pa.Table:
     """``table`` scored by the mean curvature of the epoch window ``epochs`` ('A:B')."""
-    import pyarrow.parquet as pq
-
-    from raycurv.table import BY_EPOCH_FILE
-
     start, stop = parse_epochs(epochs)
-    path = Path(run_dir) / BY_EPOCH_FILE
-    if not path.is_file():
-        raise UsageError(f"no {BY_EPOCH_FILE} in {run_dir}: --epochs needs the per-epoch curvature")
     try:
-        by_epoch = pq.read_table(path, columns=["sample_id", "epoch", "curvature"])
-    except Exception as exc:
-        raise UsageError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+        by_epoch = folder.read_by_epoch()
+    except TableError as exc:
+        raise UsageError(str(exc)) from None
+    if by_epoch is None:
+        raise UsageError(f"no {BY_EPOCH_FILE} in {folder.location}: --epochs needs the per-epoch "
+                         "curvature")
     mean, counts = epoch_window(by_epoch, table.column("sample_id").to_numpy(), start, stop)
     return with_curvature(table, mean, counts)
 
@@ -219,28 +216,25 @@ def table_columns(table: pa.Table) -> dict[str, np.ndarray]:
     return cols
 
 
-def find_run_duplicates(run_dir: str, table: pa.Table, threshold: float):
-    """Exact and near duplicate groups among the run's images (prepared again from run.json)."""
-    from raycurv.duplicates import find_duplicates
+def find_run_duplicates(folder: RunFolder, table: pa.Table, threshold: float):
+    """Exact and near duplicate groups among the run's images (prepared again from the run's record)."""
+    from raycurv.duplicates import find_duplicates  # torch: only where duplicates are searched
     from raycurv.rundata import load_run_data
 
-    data = load_run_data(run_dir, table)
-    return find_duplicates(data.images, data.labels, scale=data.scale, threshold=threshold)
+    data = load_run_data(folder, table)
+    return find_duplicates(data.images, data.labels, scale=data.norm.scale, threshold=threshold)
 
 
-def load_run_table(run: str, epochs: str | None = None) -> tuple[str, pa.Table]:
-    """(run folder, score table) of ``run`` (a folder or its scores.parquet); with ``epochs``
-    'A:B', curvature is the mean over epochs A..B-1. Bad input raises UsageError."""
-    from raycurv.table import TableError, read_scores
-
+def load_run_table(run: str, epochs: str | None = None) -> tuple[RunFolder, pa.Table]:
+    """(run folder, score table) of ``run`` (a folder or its table file, local or a URI); with
+    ``epochs`` 'A:B', curvature is the mean over epochs A..B-1. Bad input raises UsageError."""
     try:
-        table = read_scores(run)
+        folder, table = read_run_scores(run)
     except TableError as exc:
         raise UsageError(str(exc)) from None
-    run_dir = str(Path(run).parent if Path(run).is_file() else run)
     if epochs is not None:
-        table = read_epoch_window(run_dir, table, epochs)
-    return run_dir, table
+        table = read_epoch_window(folder, table, epochs)
+    return folder, table
 
 
 def collect_metrics(table: pa.Table, *, reference: pa.Table | None = None, top_k: float = 0.1,
@@ -268,11 +262,11 @@ def evaluate_run(run: str, *, reference: str | None = None, top_k: float = 0.1,
     from raycurv.duplicates import NEAR_THRESHOLD
     from raycurv.reference import read_reference
 
-    run_dir, table = load_run_table(run, epochs)
+    folder, table = load_run_table(run, epochs)
     ref = read_reference(reference)[0] if reference is not None else None
     dups = None
     if duplicates:
-        dups = find_run_duplicates(run_dir, table, NEAR_THRESHOLD if threshold is None else threshold)
+        dups = find_run_duplicates(folder, table, NEAR_THRESHOLD if threshold is None else threshold)
     return collect_metrics(table, reference=ref, top_k=top_k, dups=dups, epochs=epochs)
 
 

@@ -48,10 +48,10 @@ import raycurv
 from raycurv import storage
 from raycurv.config import DataSpec, Schedule
 from raycurv.errors import UsageError
+from raycurv.runfolder import RunFolder
 
 REFERENCE_VERSION = 1
 METADATA_KEY = b"raycurv"
-REFERENCE_FILE = "reference.parquet"
 
 REFERENCE_SCHEMA = pa.schema([
     pa.field("sample_id", pa.int64(), nullable=False),
@@ -86,7 +86,7 @@ class ReferenceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
-    out: str = f"runs/reference/{REFERENCE_FILE}"
+    out: str = RunFolder("runs/reference").reference
     data: DataSpec = Field(default_factory=DataSpec)
     train: ReferenceTrainSpec = Field(default_factory=ReferenceTrainSpec)
     models: int = Field(default=1000, ge=2)
@@ -361,7 +361,7 @@ def estimate(spec: ReferenceSpec, *, address: str | None = None, progress=print)
     data = check_spec(spec)
     ensure_ray(address, cpus_needed=spec.task_cpus)
     check_resources(cpus=spec.task_cpus, gpus=spec.task_gpus)
-    inputs = to_input(data.images, scale=data.scale, mean=data.mean, std=data.std).numpy()
+    inputs = to_input(data.images, data.norm).numpy()
     total = _run_tasks(spec, inputs, data.labels, data.num_classes, progress)
     seconds = time.perf_counter() - started
     summary = {"models": spec.models, "tasks": len(_task_groups(spec.models, spec.models_per_task)),
@@ -399,22 +399,15 @@ def reference_table(data, total: dict[str, np.ndarray], spec: ReferenceSpec,
 
 def write_reference(table: pa.Table, location: str) -> None:
     """Write atomically (a local path or a pyarrow URI)."""
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    storage.write_bytes(location, sink.getvalue().to_pybytes())
+    storage.write_parquet(location, table)
 
 
 def read_reference(location: str) -> tuple[pa.Table, dict[str, Any]]:
     """Read and check a reference table; returns (table, its metadata). Bad files: UsageError."""
-    import pyarrow.parquet as pq
-
-    raw = storage.read_bytes(str(location))
-    if raw is None:
+    if not storage.is_file(str(location)):
         raise UsageError(f"no reference table at {location}")
     try:
-        table = pq.read_table(pa.BufferReader(raw))
+        table = storage.read_parquet(str(location))
     except Exception as exc:
         raise UsageError(f"cannot read {location}: {str(exc).splitlines()[0]}") from None
     missing = [f.name for f in REFERENCE_SCHEMA if f.name not in table.column_names]

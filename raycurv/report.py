@@ -9,7 +9,7 @@ Figures (higher curvature = more memorized throughout):
   csl.png         curvature against csl, per sample (log-log)
   per_class.png   curvature per given label (box plots)
   epochs.png      per-epoch curvature of the 10 highest-ranked samples against the median and
-                  10-90 % band of all samples (needs curvature_by_epoch.parquet)
+                  10-90 % band of all samples (needs the per-epoch table)
   reference.png   curvature against a Feldman-Zhang reference's mem (with --reference)
 index.html: the run's settings, its metrics, the figures, and the top samples in rank order
 (image, given label, original label, prediction, curvature, csl, duplicate group).
@@ -28,10 +28,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from raycurv import storage
+from raycurv.agreement import join_reference
+from raycurv.duplicates import NEAR_THRESHOLD, find_duplicates
 from raycurv.errors import UsageError
-from raycurv.evaluate import load_run_table
+from raycurv.evaluate import collect_metrics, format_run, load_run_table, table_columns
+from raycurv.reference import read_reference
+from raycurv.rundata import load_run_data
+from raycurv.table import read_metadata
 
-REPORT_DIR = "report"
 CLASS_NAMES = {
     "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                       "Sneaker", "Bag", "Ankle boot"),
@@ -272,7 +277,7 @@ def _thumbnails(data, cols: dict[str, np.ndarray], top: int, dups, folder: Path)
     if dups is not None:
         groups = {int(dups.group[p]) for p in shown if dups.group[p] >= 0}
         shown |= {int(m) for g in groups for m in dups.groups[g].members}
-    return {int(cols["sample_id"][p]): _thumbnail(data.images[p], data.scale,
+    return {int(cols["sample_id"][p]): _thumbnail(data.images[p], data.norm.scale,
                                                   folder / f"{int(cols['sample_id'][p])}.png")
             for p in sorted(shown)}
 
@@ -292,59 +297,62 @@ def _figures(cols, by_epoch, joined, names, out: Path) -> list[tuple[str, str]]:
     return figures
 
 
-def _write_folder(out: Path, fill) -> None:
-    """Build the report in a temporary sibling folder with ``fill(folder)``, then swap it in:
-    a failed report leaves the previous one (or nothing), never a half-written folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        fill(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _write_folder(out: str, fill) -> int:
+    """Build the report in a temporary folder with ``fill(folder)``, then publish it; returns
+    the number of files. A local report is swapped in whole: a failed one leaves the previous
+    report (or nothing), never a half-written folder. On an object store each file is one put,
+    index.html last, so the page never links to a file that is not there yet."""
+    local = storage.local_path(out)
+    if local is not None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
+        try:
+            fill(tmp)
+            count = sum(1 for p in tmp.rglob("*") if p.is_file())
+            if local.exists():
+                shutil.rmtree(local)
+            os.replace(tmp, local)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return count
+    with tempfile.TemporaryDirectory(prefix="raycurv-report-") as tmp:
+        fill(Path(tmp))
+        files = sorted((p for p in Path(tmp).rglob("*") if p.is_file()),
+                       key=lambda p: (p.name == "index.html", str(p)))
+        for path in files:
+            storage.write_bytes(storage.join(out, *path.relative_to(tmp).parts), path.read_bytes())
+        return len(files)
 
 
 def make_report(run: str, out: str | None = None, *, top: int = 100, reference: str | None = None,
                 epochs: str | None = None, duplicates: bool = True,
-                threshold: float | None = None) -> Path:
-    """Write the report folder of ``run`` (default RUN/report) and return its path."""
-    import pyarrow.parquet as pq
-
-    from raycurv.agreement import join_reference
-    from raycurv.duplicates import NEAR_THRESHOLD, find_duplicates
-    from raycurv.evaluate import collect_metrics, format_run, table_columns
-    from raycurv.reference import read_reference
-    from raycurv.rundata import load_run_data, read_run_record
-    from raycurv.table import BY_EPOCH_FILE, read_metadata
-
+                threshold: float | None = None) -> tuple[str, int]:
+    """Write the report folder of ``run`` (default RUN/report; local or a URI); returns its
+    location and how many files it holds."""
     if top < 1:
         raise UsageError(f"--top must be at least 1, got {top}")
-    run_dir, table = load_run_table(run, epochs)
+    folder, table = load_run_table(run, epochs)
     ref = read_reference(reference)[0] if reference else None
-    data = load_run_data(run_dir, table) if read_run_record(run_dir) else None
+    data = load_run_data(folder, table) if folder.read_record() else None
     dups = None
     if data is not None and duplicates:
-        dups = find_duplicates(data.images, data.labels, scale=data.scale,
+        dups = find_duplicates(data.images, data.labels, scale=data.norm.scale,
                                threshold=NEAR_THRESHOLD if threshold is None else threshold)
     metrics = collect_metrics(table, reference=ref, dups=dups, epochs=epochs)
     cols = table_columns(table) | {k: table.column(k).to_numpy() for k in ("final_pred", "percentile")}
-    by_epoch_path = Path(run_dir) / BY_EPOCH_FILE
-    by_epoch = pq.read_table(by_epoch_path) if by_epoch_path.is_file() and epochs is None else None
+    by_epoch = folder.read_by_epoch() if epochs is None else None
     meta = read_metadata(table)
     names = CLASS_NAMES.get(meta.get("dataset", ""))
     joined = join_reference(table, ref) if ref is not None else None
 
-    def fill(folder: Path) -> None:
-        figures = _figures(cols, by_epoch, joined, names, folder)
-        thumbs = _thumbnails(data, cols, top, dups, folder / "images") if data is not None else {}
+    def fill(target: Path) -> None:
+        figures = _figures(cols, by_epoch, joined, names, target)
+        thumbs = _thumbnails(data, cols, top, dups, target / "images") if data is not None else {}
         rows = gallery_rows(cols, top, names, dups, thumbs)
-        page = render_html(f"raycurv report: {meta.get('run', Path(run_dir).name)}",
+        page = render_html(f"raycurv report: {meta.get('run', folder.name)}",
                            _settings(meta, table), format_run(metrics), figures, rows)
-        (folder / "index.html").write_text(page, encoding="utf-8")
+        (target / "index.html").write_text(page, encoding="utf-8")
 
-    target = Path(out) if out else Path(run_dir) / REPORT_DIR
-    _write_folder(target, fill)
-    return target
+    location = out or folder.report
+    return location, _write_folder(location, fill)

@@ -7,12 +7,15 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from raycurv.errors import UsageError
 
@@ -30,7 +33,7 @@ def join(location: str, *parts: str) -> str:
 def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(location):
         return pafs.FileSystem.from_uri(str(location))
-    return pafs.LocalFileSystem(), str(Path(location).absolute())
+    return pafs.LocalFileSystem(), os.path.abspath(location)
 
 
 def write_bytes(location: str, data: bytes) -> None:
@@ -69,6 +72,59 @@ def exists(location: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def is_file(location: str) -> bool:
+    fs, path = _resolve(location)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def is_dir(location: str) -> bool:
+    fs, path = _resolve(location)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """Identity of one version of a file: a replaced or rewritten file gets another stamp (the
+    inode, where the filesystem has one, tells a same-size replacement within one mtime tick)."""
+
+    mtime_ns: int
+    size: int
+    inode: int = 0
+
+    @classmethod
+    def of(cls, location: str) -> FileStamp | None:
+        """The stamp of ``location``, or None when it is not a file."""
+        local = local_path(location)
+        if local is not None:
+            try:
+                st = os.stat(local)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            return cls(st.st_mtime_ns, st.st_size, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+        fs, path = _resolve(location)
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            return None
+        return cls(int(info.mtime_ns or 0), int(info.size or 0))
+
+
+def write_parquet(location: str, table: pa.Table) -> None:
+    """Write ``table`` as one Parquet file, atomically (see write_bytes)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(location, sink.getvalue().to_pybytes())
+
+
+def read_parquet(location: str, *, memory_map: bool = True,
+                 columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file; local files are memory-mapped (pages load as they are touched)."""
+    local = local_path(location)
+    if local is not None:
+        return pq.read_table(local, memory_map=memory_map, columns=columns)
+    fs, path = _resolve(location)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
 def write_npz(location: str, arrays: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -92,17 +148,26 @@ def delete(location: str) -> None:
 
 def list_files(location: str) -> list[str]:
     """Locations of the files directly inside folder ``location`` (none if it does not exist)."""
+    return _list(location, pafs.FileType.File)
+
+
+def list_dirs(location: str) -> list[str]:
+    """Locations of the folders directly inside folder ``location`` (none if it does not exist)."""
+    return _list(location, pafs.FileType.Directory)
+
+
+def _list(location: str, kind: pafs.FileType) -> list[str]:
     fs, path = _resolve(location)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
     infos = fs.get_file_info(pafs.FileSelector(path))
-    return sorted(join(location, info.base_name) for info in infos if info.type == pafs.FileType.File)
+    return sorted(join(location, info.base_name) for info in infos if info.type == kind)
 
 
-def _local_path(location: str) -> Path | None:
-    """The local path behind a plain path or a file:// URI; None for other filesystems."""
+def local_path(location: str) -> Path | None:
+    """The absolute local path behind a plain path or a file:// URI; None for other filesystems."""
     if not is_uri(location):
-        return Path(location).absolute()
+        return Path(os.path.abspath(location))
     if str(location).startswith("file://"):
         return Path(_resolve(location)[1])
     return None
@@ -115,7 +180,7 @@ def check_writable_folder(location: str) -> None:
     that sees read-only mounts, permissions and object-store credentials alike. Nothing stays.
     Raises UsageError.
     """
-    local = _local_path(location)
+    local = local_path(location)
     try:
         if local is not None:
             _check_local_folder(local, location)

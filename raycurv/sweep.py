@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from raycurv import storage
 from raycurv.config import EstimatorSpec, ScoreSpec, load_yaml, merge
 from raycurv.errors import UsageError
+from raycurv.runfolder import RunFolder
 
 # axis name -> dotted path in ScoreSpec; "train.*" settings are axes too, by their field name
 SCORING_AXES = {"h": "curvature.h", "probes": "curvature.probes", "variant": "curvature.variant"}
@@ -120,13 +121,10 @@ def load_sweep_file(path: str | Path, sweep_dir: str, overrides: dict[str, Any] 
 
 # --- running a sweep on Ray Tune -------------------------------------------------------------
 
-ROWS_FILE = "rows.json"
-
-
 def _rows(spec: ScoreSpec, point: dict[str, Any], tables: dict, train: dict, seconds: float) -> list[dict]:
     """One row per estimator of a finished trial: axes, estimator, detection metrics, costs."""
     from raycurv.evaluate import SCORES, evaluate_table
-    from raycurv.run import estimator_dir
+    from raycurv.results import estimator_folder
 
     estimators = {e.name: e for e in spec.curvature.estimators}
     passes = {h: 1 + max(e.probes for e in estimators.values() if e.h == h)
@@ -137,7 +135,7 @@ def _rows(spec: ScoreSpec, point: dict[str, Any], tables: dict, train: dict, sec
         found = evaluate_table(table).get("mislabel", {})
         row = {"trial": trial_name(point), "noise": spec.data.noise, **point,
                "h": est.h, "probes": est.probes, "variant": est.variant, "estimator": name,
-               "table": storage.join(estimator_dir(spec.run_dir, est, primary=k == 0), "scores.parquet")}
+               "table": estimator_folder(spec, est, primary=k == 0).scores}
         for score in SCORES:
             for metric in METRICS:
                 row[f"{score}_{metric}"] = found.get(score, {}).get(metric, float("nan"))
@@ -148,14 +146,14 @@ def _rows(spec: ScoreSpec, point: dict[str, Any], tables: dict, train: dict, sec
 
 
 def run_trial(config: dict[str, Any]) -> None:
-    """Tune function trainable: train once, score every estimator, write rows.json, report."""
+    """Tune function trainable: train once, score every estimator, write the trial's rows, report."""
     from ray import tune
 
     from raycurv.run import score_run
 
     sweep, point = SweepSpec.model_validate(config["sweep"]), config["point"]
     spec = trial_spec(sweep, point, config["sweep_dir"])
-    rows_file = storage.join(spec.run_dir, ROWS_FILE)
+    rows_file = RunFolder(spec.run_dir).rows
     saved = storage.read_bytes(rows_file)
     if saved is None:  # a finished trial is not redone when an interrupted sweep runs again
         started = time.perf_counter()
@@ -203,8 +201,7 @@ def run_sweep(sweep: SweepSpec, sweep_dir: str, *, address: str | None = None) -
     failed = [r for r in grid if r.error is not None]
     rows = []
     for result in grid:
-        saved = storage.read_bytes(storage.join(trial_spec(sweep, result.config["point"], storage_path).run_dir,
-                                                ROWS_FILE))
+        saved = storage.read_bytes(RunFolder(trial_spec(sweep, result.config["point"], storage_path).run_dir).rows)
         if saved is not None:
             rows.extend(json.loads(saved))
     write_results(rows, sweep, storage_path)
@@ -223,13 +220,12 @@ def write_results(rows: list[dict], sweep: SweepSpec, sweep_dir: str) -> None:
     """sweep.parquet and sweep.csv (one row per trial x estimator), best.json, the AUROC plot."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: (r["trial"], r["estimator"])))
-    for name, write in (("sweep.parquet", pq.write_table), ("sweep.csv", pacsv.write_csv)):
-        sink = pa.BufferOutputStream()
-        write(table, sink)
-        storage.write_bytes(storage.join(sweep_dir, name), sink.getvalue().to_pybytes())
+    storage.write_parquet(storage.join(sweep_dir, "sweep.parquet"), table)
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(table, sink)
+    storage.write_bytes(storage.join(sweep_dir, "sweep.csv"), sink.getvalue().to_pybytes())
     best = best_row(rows, sweep.metric)
     storage.write_bytes(storage.join(sweep_dir, "best.json"),
                         json.dumps({"metric": f"curvature_{sweep.metric}", "best": best}, indent=2).encode())

@@ -1,26 +1,20 @@
-"""The score table: Arrow schema (contract v1), atomic write, read, validation.
+"""The score table: Arrow schema (contract v1), building and validation. Where it is stored, and
+how it is read and written, is raycurv.runfolder's business.
 
-One Parquet file per run, ``<run_dir>/scores.parquet``, one row per training sample, sorted by
-``sample_id``. Higher ``curvature`` means more memorized; ``rank`` 1 is the highest curvature and
+One row per training sample, sorted by ``sample_id``. Higher ``curvature`` means more memorized; ``rank`` 1 is the highest curvature and
 ``percentile`` is the share of samples with strictly lower curvature, in [0, 1].
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 TABLE_VERSION = 1
 METADATA_KEY = b"raycurv"
-SCORES_FILE = "scores.parquet"
-BY_EPOCH_FILE = "curvature_by_epoch.parquet"
 
 SCHEMA = pa.schema(
     [
@@ -87,27 +81,6 @@ def build_table(columns: dict[str, Any], metadata: dict[str, Any]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def atomic_write_parquet(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Write ``table`` to ``path`` so a reader sees either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a service under another user must read it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_scores(table: pa.Table, run_dir: str | os.PathLike) -> Path:
-    validate_table(table)
-    return atomic_write_parquet(table, Path(run_dir) / SCORES_FILE)
-
-
 def read_metadata(table_or_schema: pa.Table | pa.Schema) -> dict[str, Any]:
     schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
     raw = (schema.metadata or {}).get(METADATA_KEY)
@@ -117,24 +90,6 @@ def read_metadata(table_or_schema: pa.Table | pa.Schema) -> dict[str, Any]:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise TableError(f"raycurv metadata is not JSON: {exc}") from None
-
-
-def read_scores(path: str | os.PathLike, *, memory_map: bool = True) -> pa.Table:
-    """Read and validate a score table; ``path`` is the Parquet file or its run folder.
-
-    Raises TableError with a one-line reason when the file is missing, unreadable or off-contract.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / SCORES_FILE
-    if not path.is_file():
-        raise TableError(f"no score table at {path}")
-    try:
-        table = pq.read_table(path, memory_map=memory_map)
-    except Exception as exc:  # pyarrow raises several types for damaged files
-        raise TableError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
-    validate_table(table)
-    return table
 
 
 def _unique(ids: np.ndarray) -> bool:

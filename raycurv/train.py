@@ -14,21 +14,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import ray
 import ray.train
 import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 from torch import nn
 from torch.nn import functional as F
 
 from raycurv import storage
 from raycurv.config import ScoreSpec
+from raycurv.data import Normalization, Prepared
 from raycurv.data.sharding import epoch_batches
 from raycurv.data.transforms import augment, crop_padding, to_input
 from raycurv.metrics import record_epoch
 from raycurv.models import build_model
+from raycurv.runfolder import TRAIN_DIR, RunFolder
 
 
 def _cosine(opt: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -77,17 +82,33 @@ def _maybe_fault(config: dict[str, Any], epoch: int, rank: int) -> None:
         os._exit(1)
 
 
-def _train_epoch(model, opt, data, batches, *, device, generator, pad, flip, do_augment):
+@dataclass(frozen=True)
+class TrainData:
+    """What the training loop needs of a prepared dataset; put in the object store once."""
+
+    images: np.ndarray  # (N, C, H, W) raw, as raycurv.data.Prepared holds them
+    labels: np.ndarray  # (N,) int64, the labels trained on
+    num_classes: int
+    norm: Normalization
+    augment: bool  # random crop + flip in training (never in scoring)
+    flip: bool  # whether a horizontal flip keeps the class
+
+    @classmethod
+    def of(cls, data: Prepared) -> TrainData:
+        return cls(images=data.images, labels=data.labels, num_classes=data.num_classes,
+                   norm=data.norm, augment=data.augment, flip=data.flip)
+
+
+def _train_epoch(model, opt, data: TrainData, batches, *, device, generator, pad):
     """One pass over this worker's batches; returns per-position losses (N,) and #correct."""
-    losses = np.zeros(len(data["labels"]), dtype=np.float64)
+    losses = np.zeros(len(data.labels), dtype=np.float64)
     correct = 0
     model.train()
     for positions in batches:
-        x = to_input(data["images"][positions], scale=data["scale"], mean=data["mean"],
-                     std=data["std"], device=device)
-        if do_augment:
-            x = augment(x, generator=generator, pad=pad, flip=flip)
-        y = torch.as_tensor(data["labels"][positions], device=device)
+        x = to_input(data.images[positions], data.norm, device=device)
+        if data.augment:
+            x = augment(x, generator=generator, pad=pad, flip=data.flip)
+        y = torch.as_tensor(data.labels[positions], device=device)
         logits = model(x)
         per_sample = F.cross_entropy(logits, y, reduction="none")
         opt.zero_grad(set_to_none=True)
@@ -99,17 +120,17 @@ def _train_epoch(model, opt, data, batches, *, device, generator, pad, flip, do_
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. config: ``spec`` (ScoreSpec as dict), ``data`` (the dataset arrays,
-    or an object ref to them), ``pool`` (a CurvaturePool, or None to train only)."""
+    """Ray Train entry point. config: ``spec`` (ScoreSpec as dict), ``data`` (a TrainData, or an
+    object ref to one), ``pool`` (a CurvaturePool, or None to train only)."""
     spec = ScoreSpec.model_validate(config["spec"])
-    data = config["data"]
+    data: TrainData = config["data"]
     data = ray.get(data) if isinstance(data, ray.ObjectRef) else data
     pool = config.get("pool")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(spec.seed)  # the same initial weights on every worker
-    model = build_model(spec.train.model, in_channels=data["images"].shape[1],
-                        num_classes=data["num_classes"])
+    model = build_model(spec.train.model, in_channels=data.images.shape[1],
+                        num_classes=data.num_classes)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     t = spec.train
@@ -117,9 +138,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                           weight_decay=t.weight_decay)
     sched = SCHEDULES[t.schedule](opt, t.epochs)
     start = _load_checkpoint(model, opt, sched)
-    n = len(data["labels"])
-    pending = _catch_up(pool, spec.run_dir, start) if pool is not None and rank == 0 else []
-    pad = crop_padding(data["images"].shape[2])
+    n = len(data.labels)
+    folder = RunFolder(spec.run_dir)
+    pending = _catch_up(pool, folder, start) if pool is not None and rank == 0 else []
+    pad = crop_padding(data.images.shape[2])
     for epoch in range(start, t.epochs):
         _maybe_fault(config, epoch, rank)
         tic = time.perf_counter()
@@ -127,8 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = epoch_batches(n, world_size=world, rank=rank, batch_size=t.batch_size,
                                 seed=spec.seed, epoch=epoch)
         losses, correct = _train_epoch(model, opt, data, batches, device=device,
-                                       generator=generator, pad=pad, flip=data["flip"],
-                                       do_augment=data["augment"])
+                                       generator=generator, pad=pad)
         sched.step()
         losses = _all_reduce(losses)
         correct = int(_all_reduce(np.array([correct], dtype=np.int64))[0])
@@ -140,9 +161,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model_state = getattr(model, "module", model).state_dict()
             if pool is not None:
                 scored = spec.curvature.scores_epoch(epoch, t.epochs)
-                pending.append(_hand_to_pool(pool, spec.run_dir, epoch, model_state if scored else None,
+                pending.append(_hand_to_pool(pool, folder, epoch, model_state if scored else None,
                                              losses))
-                pending = _backpressure(pending, pool.max_lag, spec.run_dir)
+                pending = _backpressure(pending, pool.max_lag, folder)
                 metrics["scoring_lag"] = len(pending)
             checkpoint = _checkpoint(model, opt, sched, epoch)
             record_epoch(spec.run_name, metrics)
@@ -152,14 +173,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)  # persisted by report
     if rank == 0:
-        _backpressure(pending, 0, spec.run_dir)
+        _backpressure(pending, 0, folder)
 
 
-def _epoch_file(run_dir: str, epoch: int) -> str:
-    return storage.join(run_dir, "epochs", f"epoch-{epoch:04d}.pt")
-
-
-def _hand_to_pool(pool, run_dir: str, epoch: int, model_state: dict | None, losses: np.ndarray):
+def _hand_to_pool(pool, folder: RunFolder, epoch: int, model_state: dict | None, losses: np.ndarray):
     """Hand the epoch's weights to every actor (``model_state`` None: an epoch the run does not
     score; the actors keep its losses only).
 
@@ -172,15 +189,15 @@ def _hand_to_pool(pool, run_dir: str, epoch: int, model_state: dict | None, loss
     buf = io.BytesIO()
     torch.save({"epoch": epoch, "weights": weights, "train_loss": torch.from_numpy(train_loss)},
                buf)
-    storage.write_bytes(_epoch_file(run_dir, epoch), buf.getvalue())
+    storage.write_bytes(folder.epoch_weights(epoch), buf.getvalue())
     return epoch, pool.submit(epoch, weights, train_loss)
 
 
-def _catch_up(pool, run_dir: str, start: int) -> list[tuple[int, list]]:
+def _catch_up(pool, folder: RunFolder, start: int) -> list[tuple[int, list]]:
     """Re-submit epochs trained before ``start`` whose scoring may not have finished (their
     files remain); actors skip epochs they already scored."""
     pending = []
-    for location in storage.list_files(storage.join(run_dir, "epochs")):
+    for location in storage.list_files(folder.epochs):
         saved = torch.load(io.BytesIO(storage.read_bytes(location)), weights_only=True)
         if saved["epoch"] < start:
             pending.append((saved["epoch"], pool.submit(saved["epoch"], saved["weights"],
@@ -188,7 +205,7 @@ def _catch_up(pool, run_dir: str, start: int) -> list[tuple[int, list]]:
     return pending
 
 
-def _backpressure(pending: list[tuple[int, list]], max_lag: int, run_dir: str) -> list[tuple[int, list]]:
+def _backpressure(pending: list[tuple[int, list]], max_lag: int, folder: RunFolder) -> list[tuple[int, list]]:
     """Forget epochs whose scoring finished (and delete their files), oldest first; block while
     more than ``max_lag`` epochs are in flight."""
     while pending:
@@ -198,7 +215,7 @@ def _backpressure(pending: list[tuple[int, list]], max_lag: int, run_dir: str) -
         if len(done) < len(refs):
             break
         ray.get(refs)  # raises if scoring failed for good
-        storage.delete(_epoch_file(run_dir, epoch))
+        storage.delete(folder.epoch_weights(epoch))
         pending = pending[1:]
     return pending
 
@@ -219,3 +236,22 @@ def _progress_line(m: dict[str, Any], epochs: int) -> str:
     if "scoring_lag" in m:
         line += f"  scoring lag {m['scoring_lag']} epoch(s)"
     return line
+
+
+def fit(spec: ScoreSpec, data: Prepared, pool, *, extra_config: dict[str, Any] | None = None):
+    """Run ``train_loop_per_worker`` on a TorchTrainer (``spec.train.workers`` DDP workers,
+    checkpoints under the run folder); ``pool`` a CurvaturePool, or None to train only.
+    ``extra_config`` reaches the loop (test hooks). Returns Ray Train's Result."""
+    t = spec.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "data": ray.put(TrainData.of(data)),
+                           "pool": pool, **(extra_config or {})},
+        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=TRAIN_DIR, storage_path=RunFolder(spec.run_dir).train_storage(),
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer.fit()

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from raycurv.table import build_table, write_scores
+from raycurv.runfolder import RunFolder
+from raycurv.table import build_table
 
 _SERVE_URL: dict[str, str] = {}
 
@@ -43,7 +44,9 @@ def make_table(n: int = 40, *, seed: int = 0, classes: int = 3, id_step: int = 1
 
 def write_run(root: Path, name: str, table: pa.Table) -> Path:
     """Write ``table`` as the run folder ``root/name``; returns the table file."""
-    return write_scores(table, root / name)
+    folder = RunFolder(str(root / name))
+    folder.write_scores(table)
+    return Path(folder.scores)
 
 
 def free_port() -> int:

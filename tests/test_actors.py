@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from raycurv.actors import ShardScorer, ShardSpec
+from raycurv.actors import ShardScorer, ShardSpec, shard_specs
 from raycurv.config import CurvatureSpec, DataSpec, ScoreSpec
 from raycurv.curvature import curvature
 from raycurv.data import prepare_dataset
 from raycurv.data.transforms import to_input
 from raycurv.models import build_model
-from raycurv.run import shard_specs
 from raycurv.scoring_model import prepare_for_scoring
 
 ESTIMATORS = ((0.03, 6, "norm"), (0.03, 3, "trace"), (0.01, 2, "norm"))
@@ -26,7 +25,7 @@ def digits():
 
 def _scorer(digits, state_uri, start=40, stop=300, optimize=True):
     spec = ShardSpec(index=1, start=start, stop=stop, epochs=3, model="small_cnn", in_channels=1,
-                     num_classes=10, scale=digits.scale, mean=digits.mean, std=digits.std, seed=4,
+                     num_classes=10, norm=digits.norm, seed=4,
                      estimators=ESTIMATORS, batch_size=128, state_uri=str(state_uri),
                      optimize=optimize)
     sl = slice(start, stop)
@@ -44,7 +43,7 @@ def test_every_estimator_equals_its_own_plain_call(digits, tmp_path, optimize):
     scorer.score_epoch(2, _weights(0), np.arange(300, dtype=np.float32))
     model = build_model("small_cnn", in_channels=1, num_classes=10)
     model.load_state_dict(_weights(0))
-    x = to_input(digits.images, scale=digits.scale, mean=digits.mean, std=digits.std)
+    x = to_input(digits.images, digits.norm)
     y, ids = torch.as_tensor(digits.labels), torch.as_tensor(digits.sample_ids)
     scoring = prepare_for_scoring(model, x[:1], fold_batch_norm=optimize, channels_last=optimize)
     assert scoring.folded == (3 if optimize else 0)
@@ -74,14 +73,14 @@ def test_an_epoch_scored_twice_counts_once_and_state_survives_a_restart(digits, 
 
 def test_hvp_in_half_precision_scores_like_a_direct_call(digits, tmp_path):
     spec = ShardSpec(index=0, start=0, stop=100, epochs=1, model="small_cnn", in_channels=1,
-                     num_classes=10, scale=digits.scale, mean=digits.mean, std=digits.std, seed=4,
+                     num_classes=10, norm=digits.norm, seed=4,
                      estimators=((0.03, 3, "norm"),), batch_size=64, state_uri=str(tmp_path / "h.npz"),
                      method="hvp", precision="bf16")
     scorer = ShardScorer(spec, digits.images[:100], digits.labels[:100], digits.sample_ids[:100])
     scorer.score_epoch(0, _weights(0), np.zeros(300, np.float32))
     model = build_model("small_cnn", in_channels=1, num_classes=10)
     model.load_state_dict(_weights(0))
-    x = to_input(digits.images[:100], scale=digits.scale, mean=digits.mean, std=digits.std)
+    x = to_input(digits.images[:100], digits.norm)
     y, ids = torch.as_tensor(digits.labels[:100]), torch.as_tensor(digits.sample_ids[:100])
     fp32 = torch.cat([curvature(model, x[a:b], y[a:b], sample_ids=ids[a:b], epoch=0, seed=4, h=0.03,
                                 probes=3, method="hvp").curvature for a, b in ((0, 64), (64, 100))])

@@ -14,7 +14,7 @@ from raycurv.config import DataSpec, ScoreSpec
 from raycurv.data import prepare_dataset
 from raycurv.errors import UsageError
 from raycurv.run import _spec_record, check_run_dir
-from raycurv.table import write_scores
+from raycurv.runfolder import RunFolder
 from tests.serve_support import make_table
 from tests.test_cli import _fails
 from tests.test_data import BAD_INPUTS  # the data cases, also tested at the library level there
@@ -100,7 +100,7 @@ def test_bad_data_through_the_command_line(capsys, tmp_path, write, message):
 
 
 def test_evaluate_of_a_run_folder_whose_run_json_is_a_list(capsys, tmp_path):
-    write_scores(make_table(20), tmp_path)
+    RunFolder(str(tmp_path)).write_scores(make_table(20))
     _write(tmp_path / "run.json", "[]")
     assert "run.json does not hold a run spec" in _fails(capsys, ["evaluate", str(tmp_path)])
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from raycurv import train
+from raycurv.runfolder import RunFolder
 
 
 class _Planted:
@@ -82,7 +83,7 @@ def test_planted_checkpoint_runs_nothing(monkeypatch, tmp_path):
 def test_epoch_files_round_trip_loads_weights_only(tmp_path):
     model, _, _ = _trained("constant", seed=0)
     losses = np.random.default_rng(0).random(7)
-    run_dir = str(tmp_path)
+    run_dir = RunFolder(str(tmp_path))
     handed = _Pool()
     train._hand_to_pool(handed, run_dir, 0, model.state_dict(), losses)
     train._hand_to_pool(handed, run_dir, 1, None, losses * 2)  # an epoch the run does not score
@@ -100,9 +101,10 @@ def test_epoch_files_round_trip_loads_weights_only(tmp_path):
 
 def test_planted_epoch_file_runs_nothing(tmp_path):
     marker = tmp_path / "ran"
+    folder = RunFolder(str(tmp_path))
     (tmp_path / "epochs").mkdir()
     torch.save({"epoch": 0, "weights": _Planted(marker), "train_loss": torch.zeros(3)},
-               tmp_path / "epochs" / "epoch-0000.pt")
+               folder.epoch_weights(0))
     with pytest.raises(pickle.UnpicklingError):
-        train._catch_up(_Pool(), str(tmp_path), start=1)
+        train._catch_up(_Pool(), folder, start=1)
     assert not marker.exists()

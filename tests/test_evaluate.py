@@ -18,7 +18,8 @@ from raycurv.data import prepare_dataset
 from raycurv.errors import UsageError
 from raycurv.evaluate import epoch_window, parse_epochs
 from raycurv.reference import ReferenceSpec, reference_table
-from raycurv.table import BY_EPOCH_FILE, BY_EPOCH_SCHEMA, build_table, write_scores
+from raycurv.runfolder import BY_EPOCH_FILE, RunFolder
+from raycurv.table import BY_EPOCH_SCHEMA, build_table
 
 EPOCH_FACTORS = (0.5, 1.0, 1.5)  # per-epoch curvature = curvature * factor; the mean is curvature
 
@@ -38,7 +39,7 @@ def fake_run(run_dir, *, limit: int = 300, noise: float = 0.1, duplicates: int =
                "final_loss": curvature + rng.uniform(0, 0.5, len(data)),
                "final_confidence": np.full(len(data), 0.9), "final_pred": data.original_labels}
     meta = {"run": run_dir.name, "dataset": "digits", "n": len(data), "classes": 10, "epochs": [0, 1, 2]}
-    write_scores(build_table(columns, meta), run_dir)
+    RunFolder(str(run_dir)).write_scores(build_table(columns, meta))
     epochs = np.repeat(np.arange(3, dtype=np.int32), len(data))
     per_epoch = np.concatenate([curvature * f for f in EPOCH_FACTORS]).astype(np.float32)
     pq.write_table(pa.Table.from_arrays([pa.array(np.tile(data.sample_ids, 3)), pa.array(epochs),
@@ -132,7 +133,7 @@ def test_reference_with_other_labels_is_refused(run, tmp_path):
     (["--epochs", "7:9"], "hold no scored epoch"),
     (["--reference", "/nonexistent.parquet"], "no reference table at /nonexistent.parquet"),
     (["--near-threshold", "3"], "--near-threshold must lie in [0, 2]"),
-    (["--top-k", "x"], "argument --top-k: invalid float value"),
+    (["--top-k", "x"], "argument --top-k: expected a number, got 'x'"),
 ])
 def test_bad_input_is_one_line_exit_2(run, capsys, flags, message):
     code, _, err = _cli(capsys, ["evaluate", str(run[0]), *flags])

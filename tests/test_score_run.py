@@ -4,6 +4,7 @@ finds the corrupted labels; the same seed with another number of actors gives th
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -65,13 +66,39 @@ def test_curvature_finds_the_corrupted_labels(digits_run, capsys):
     assert metrics["corrupted"] == 60
 
 
-def test_same_seed_other_actor_count_gives_the_same_table(digits_run, digits_flags, tmp_path):
+def test_same_seed_other_actor_count_gives_the_same_table_on_a_file_uri(digits_run, digits_flags,
+                                                                         tmp_path, capsys):
+    """Three actors instead of one, into a file:// run folder: the same table; and every verb
+    reads that run through its URI: evaluate, report, query, and the service."""
+    from ray import serve
+
+    from raycurv.serve.settings import build_settings
+    from tests.serve_support import run_app
+
     other = tmp_path / "three-actors"
-    assert main(["score", *digits_flags, "--actors", "3", "--actor-cpus", "0.3", "--run-dir", str(other)]) == 0
+    uri = f"file://{other}"
+    assert main(["score", *digits_flags, "--actors", "3", "--actor-cpus", "0.3", "--run-dir", uri]) == 0
     a = pq.read_table(digits_run / "scores.parquet")
     b = pq.read_table(other / "scores.parquet")
     assert read_metadata(a)["dataset_fingerprint"] == read_metadata(b)["dataset_fingerprint"]
     assert_same_scores(a, b)
+
+    capsys.readouterr()
+    assert main(["evaluate", uri, "--epochs", "1:3", "--json"]) == 0
+    windowed = json.loads(capsys.readouterr().out)
+    assert windowed["epochs"] == "1:3" and windowed["corrupted"] == 60
+    assert main(["report", uri, "--top", "5"]) == 0
+    assert (other / "report" / "index.html").is_file() and (other / "report" / "epochs.png").is_file()
+    capsys.readouterr()
+    top = int(b.sort_by([("rank", "ascending")]).column("sample_id")[0].as_py())
+    assert main(["query", uri, "--top", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["sample_id"] == top
+    url = run_app(build_settings(runs=[uri], environ={}), name="file-uri")
+    try:
+        with urllib.request.urlopen(f"{url}/v1/runs/three-actors/top?k=1", timeout=30) as answer:
+            assert json.loads(answer.read())["rows"][0]["sample_id"] == top
+    finally:
+        serve.delete("file-uri")
 
 
 def test_scoring_every_other_epoch_keeps_every_loss_and_the_same_epochs(digits_run, digits_flags,

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from raycurv.runfolder import SCORES_FILE, RunFolder
 from raycurv.serve.settings import build_settings
-from raycurv.table import SCORES_FILE, atomic_write_parquet
 from tests.serve_support import make_table, run_app, wait_until, write_run
 
 INTERVAL_S = 0.5
@@ -128,7 +128,7 @@ def test_corrupt_table_is_refused_and_old_keeps_answering(reloading, corrupt, re
     time.sleep(3 * INTERVAL_S)
     assert _failures(client, "live") == before_failures + 1
     # a good table clears the error and is served again
-    atomic_write_parquet(pq.read_table(io.BytesIO(good)), run_dir / SCORES_FILE)
+    RunFolder(str(run_dir)).write_scores(pq.read_table(io.BytesIO(good)))
     wait_until(lambda: _run(client, "live").get("last_error") is None, timeout_s=15)
     assert _curvature(client, 3) == before_value
 

@@ -102,7 +102,7 @@ def add_address(parser: argparse.ArgumentParser) -> None:
 def add_window_and_duplicate_flags(parser: argparse.ArgumentParser) -> None:
     """--epochs, --duplicates and --near-threshold, shared by `evaluate` and `report`."""
     parser.add_argument("--epochs", metavar="A:B",
-                        help="score by the mean curvature of epochs A..B-1 (from curvature_by_epoch.parquet)")
+                        help="score by the mean curvature of epochs A..B-1 (from the per-epoch table)")
     parser.add_argument("--duplicates", action=argparse.BooleanOptionalAction, default=True,
                         help="find exact and near duplicate images (default on; needs the run's data)")
     parser.add_argument("--near-threshold", type=finite_float, metavar="D",

@@ -14,7 +14,7 @@ from raycurv.commands._common import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run folder (or its scores.parquet)")
+    parser.add_argument("run", help="run folder (or its score table), a path or a URI")
     parser.add_argument("--reference", metavar="FILE",
                         help="a reference table from `raycurv reference`: report agreement with it")
     parser.add_argument("--top-k", type=finite_float, default=0.1, metavar="K",

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from raycurv import storage
 from raycurv.errors import UsageError
 from raycurv.serve.client import DEFAULT_URL
 from raycurv.serve.settings import TOKEN_ENV
@@ -14,8 +15,8 @@ from raycurv.serve.settings import TOKEN_ENV
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `raycurv query`."""
     parser.add_argument("run", metavar="RUN",
-                        help="a run served at --url, or a run folder / scores.parquet to read "
-                             "directly (used when it exists and --url is not given)")
+                        help="a run served at --url, or a run folder (or its score table; a path "
+                             "or a URI) to read directly (used when it exists and --url is not given)")
     parser.add_argument("sample_id", metavar="SAMPLE_ID", type=int, nargs="?",
                         help="the sample to show")
     parser.add_argument("--top", type=int, metavar="K",
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from raycurv.serve import client
 
     _check(args)
-    local = args.url is None and Path(args.run).exists()
+    local = args.url is None and (storage.is_uri(args.run) or Path(args.run).exists())
     token = args.token or os.environ.get(TOKEN_ENV)
     url = args.url or DEFAULT_URL
     try:

@@ -14,6 +14,7 @@ from raycurv.commands._common import (
     spec_overrides,
 )
 from raycurv.errors import UsageError
+from raycurv.runfolder import REFERENCE_FILE, RUN_FILE, RunFolder
 
 # The dataset and training flags of `raycurv score` that mean the same here.
 SHARED_FLAGS = ("--dataset", "--data-root", "--download", "--limit", "--noise", "--noise-kind",
@@ -23,10 +24,10 @@ SHARED_FLAGS = ("--dataset", "--data-root", "--download", "--limit", "--noise", 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-run", metavar="RUN",
-                        help="take the dataset, noise and seed from this run's run.json, so the "
+                        help="take the dataset, noise and seed from this run's spec, so the "
                              "reference is computed on exactly the labels the run trained on")
-    parser.add_argument("--out", help="reference table to write (default: RUN/reference.parquet "
-                                      "with --from-run, else runs/reference/reference.parquet)")
+    parser.add_argument("--out", help=f"reference table to write (default: RUN/{REFERENCE_FILE} "
+                                      f"with --from-run, else runs/reference/{REFERENCE_FILE})")
     parser.add_argument("--models", type=int, help="M, models trained (default 1000)")
     parser.add_argument("--keep", type=finite_float, help="share of the data each model trains on (default 0.7)")
     parser.add_argument("--model", dest="ref_model", choices=("mlp", "cnn"),
@@ -42,23 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _from_run(run: str) -> dict[str, Any]:
-    from raycurv import storage
-    from raycurv.run import RUN_FILE
-
-    raw = storage.read_bytes(storage.join(run, RUN_FILE))
-    if raw is None:
+    record = RunFolder(run).read_record()
+    if record is None:
         raise UsageError(f"no {RUN_FILE} in {run}; is it a run folder?")
-    try:
-        spec = json.loads(raw)["spec"]
-        return {"data": spec["data"], "seed": spec["seed"]}
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UsageError(f"{run}/{RUN_FILE} does not hold a run spec") from None
+    spec = record["spec"]
+    return {"data": spec["data"], "seed": spec.get("seed", 0)}
 
 
 def build_spec(args: argparse.Namespace):
-    from raycurv import storage
     from raycurv.config import merge
-    from raycurv.reference import REFERENCE_FILE, ReferenceSpec
+    from raycurv.reference import ReferenceSpec
 
     base = _from_run(args.from_run) if args.from_run else {}
     overrides = spec_overrides(args)
@@ -72,7 +66,7 @@ def build_spec(args: argparse.Namespace):
     if args.out:
         overrides["out"] = args.out
     elif args.from_run:
-        overrides["out"] = storage.join(args.from_run, REFERENCE_FILE)
+        overrides["out"] = RunFolder(args.from_run).reference
     return ReferenceSpec.model_validate(merge(base, overrides))
 
 

@@ -7,6 +7,7 @@ import json
 
 from raycurv.commands._common import add_address, add_spec_flags, spec_overrides
 from raycurv.config import ScoreSpec, load_yaml, merge
+from raycurv.runfolder import RunFolder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
                           "train": result.train, "metrics": result.metrics}, default=str))
         return 0
     table = result.table
-    print(f"wrote {result.run_dir}/scores.parquet: {table.num_rows} samples, "
+    print(f"wrote {RunFolder(result.run_dir).scores}: {table.num_rows} samples, "
           f"{spec.train.epochs} epochs, {result.seconds:.0f} s")
     if "train_acc" in result.train:
         print(f"train accuracy {result.train['train_acc']:.4f}, train loss {result.train['train_loss']:.4f}")

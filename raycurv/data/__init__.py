@@ -13,7 +13,19 @@ from raycurv.data.noise import apply_noise, pick_duplicates
 from raycurv.data.sources import SOURCES, RawImages, load_source
 from raycurv.errors import UsageError
 
-__all__ = ["SOURCES", "Prepared", "prepare_dataset", "validate_raw"]
+__all__ = ["SOURCES", "Normalization", "Prepared", "prepare_dataset", "validate_raw"]
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How raw images become network input: ``(images / scale - mean) / std`` per channel.
+
+    ``scale`` is the value of full intensity (255 for uint8 images, 16 for digits); ``mean`` and
+    ``std`` (one per channel) are of ``images / scale``, so the input has mean 0 and std 1."""
+
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 @dataclass
@@ -24,15 +36,13 @@ class Prepared:
 
     name: str
     sample_ids: np.ndarray  # (N,) int64, increasing
-    images: np.ndarray  # (N, C, H, W) uint8 or float32; images / scale in [0, 1]
-    scale: float
+    images: np.ndarray  # (N, C, H, W) uint8 or float32; images / norm.scale in [0, 1]
     labels: np.ndarray  # (N,) int64: the labels trained on (after noise)
     original_labels: np.ndarray  # (N,) int64: before noise (a duplicate: its source's label)
     corrupted: np.ndarray  # (N,) bool: label changed by injected noise
     duplicate_of: np.ndarray  # (N,) int64: sample_id an injected duplicate copies, else -1
     num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    norm: Normalization  # raw images -> network input
     augment: bool
     flip: bool
     fingerprint: str
@@ -123,9 +133,9 @@ def prepare_dataset(spec: DataSpec, *, seed: int) -> Prepared:
     corrupted[: len(labels)] = noisy[: len(labels)] != labels
     return Prepared(
         name=spec.dataset, sample_ids=sample_ids, images=np.ascontiguousarray(images),
-        scale=raw.scale, labels=noisy.astype(np.int64), original_labels=original.astype(np.int64),
+        labels=noisy.astype(np.int64), original_labels=original.astype(np.int64),
         corrupted=corrupted, duplicate_of=duplicate_of, num_classes=raw.num_classes,
-        mean=tuple(mean), std=tuple(std),
+        norm=Normalization(scale=raw.scale, mean=tuple(mean), std=tuple(std)),
         augment=raw.augment if spec.augment is None else spec.augment, flip=raw.flip,
         fingerprint=fingerprint,
     )

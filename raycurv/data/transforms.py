@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from raycurv.data import Normalization
 
-def to_input(images: np.ndarray, *, scale: float, mean: tuple[float, ...], std: tuple[float, ...],
+
+def to_input(images: np.ndarray, norm: Normalization, *,
              device: torch.device | str = "cpu") -> torch.Tensor:
-    """(B, C, H, W) raw images -> normalized float32 tensor: (images / scale - mean) / std."""
-    x = torch.tensor(images, device=device).float() / scale  # a copy: object-store arrays are read-only
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    """(B, C, H, W) raw images -> normalized float32 tensor (B, C, H, W)."""
+    x = torch.tensor(images, device=device).float() / norm.scale  # a copy: object-store arrays are read-only
+    m = torch.tensor(norm.mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(norm.std, device=device).view(1, -1, 1, 1)
     return (x - m) / s
 
 

@@ -4,7 +4,7 @@ Direction of the scores everywhere here: higher ``curvature`` means more memoriz
 the highest curvature (the most memorized sample), and ``percentile`` is the share of samples with
 strictly lower curvature. "desc" order lists the most memorized samples first, "asc" the least.
 
-The table is read with :func:`raycurv.table.read_scores` (memory-mapped Parquet, validated
+The table is read with :func:`raycurv.runfolder.read_run_scores` (memory-mapped Parquet, validated
 against contract v1); its columns become dense numpy arrays by row position, and rows are sorted
 by sample_id, so a lookup is an index or a binary search and never a scan.
 """
@@ -13,41 +13,23 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raycurv.table import COLUMNS, SCHEMA, read_metadata, read_scores
+from raycurv.runfolder import RunFolder, read_run_scores, run_name
+from raycurv.storage import FileStamp
+from raycurv.table import COLUMNS, SCHEMA, read_metadata
 
 Order = Literal["desc", "asc"]
 
 FLOAT_COLUMNS = tuple(f.name for f in SCHEMA if pa.types.is_floating(f.type))
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-
-
-@dataclass(frozen=True)
-class FileStamp:
-    """Identity of one version of a file: a replaced or rewritten file gets a different stamp."""
-
-    mtime_ns: int
-    size: int
-    inode: int
-
-    @classmethod
-    def of(cls, path: Path) -> FileStamp | None:
-        """The stamp of ``path``, or None when it does not exist."""
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return None
-        return cls(st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def _column_numpy(table: pa.Table, name: str) -> np.ndarray:
@@ -163,7 +145,7 @@ class TableIndex:
     Immutable once built: a reload builds a new index and swaps the reference."""
 
     run: str
-    path: Path
+    path: str  # the table file: a local path or a URI
     stamp: FileStamp | None
     metadata: dict[str, Any]
     arrow_bytes: int
@@ -182,23 +164,23 @@ class TableIndex:
     _summary_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, run: str | None = None) -> TableIndex:
-        """Read, validate and index the score table at ``path`` (a run folder or Parquet file).
-
-        Raises raycurv.table.TableError with a one-line reason for a missing or invalid file."""
+    def load(cls, location: str, *, run: str | None = None) -> TableIndex:
+        """Read, validate and index the score table at ``location`` (a run folder or its table
+        file; a local path or a URI). Raises raycurv.table.TableError with a one-line reason."""
         started = time.perf_counter()
-        path = Path(path)
-        file_path = path / "scores.parquet" if path.is_dir() else path
-        stamp = FileStamp.of(file_path)
-        table = read_scores(file_path, memory_map=True)
-        index = cls.from_table(table, run=run or _run_name(file_path), path=file_path,
-                               stamp=stamp, started=started)
+        file = str(location)
+        if not file.endswith(".parquet"):
+            file = RunFolder.of(file).scores
+        stamp = FileStamp.of(file)
+        _, table = read_run_scores(file)
+        index = cls.from_table(table, run=run or run_name(file), path=file, stamp=stamp,
+                               started=started)
         del table
         release_freed_memory()
         return index
 
     @classmethod
-    def from_table(cls, table: pa.Table, *, run: str, path: Path, stamp: FileStamp | None = None,
+    def from_table(cls, table: pa.Table, *, run: str, path: str, stamp: FileStamp | None = None,
                    started: float | None = None) -> TableIndex:
         """Index an already validated contract-v1 table."""
         started = time.perf_counter() if started is None else started
@@ -393,10 +375,3 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
-
-
-def _run_name(file_path: Path) -> str:
-    """A run is named after its folder (``runs/digits-n10/scores.parquet`` -> ``digits-n10``)."""
-    if file_path.name == "scores.parquet" or not file_path.stem:
-        return file_path.resolve().parent.name
-    return file_path.stem

@@ -1,6 +1,6 @@
 """The runs a service answers for, and hot reload of their tables.
 
-``refresh()`` looks at every run folder; a new or replaced ``scores.parquet`` is loaded into a
+``refresh()`` looks at every run folder; a new or replaced score table is loaded into a
 fresh :class:`TableIndex` off to the side and swapped in by replacing one reference, so a request
 sees the old table or the new one, never a mix. A file that fails to load (unreadable, truncated,
 off-contract) is refused: logged, counted, reported, and the previous table keeps serving. The
@@ -14,12 +14,14 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from types import MappingProxyType
 
-from raycurv.serve.index import FileStamp, TableIndex, release_freed_memory
+from raycurv import storage
+from raycurv.runfolder import RunFolder, run_name
+from raycurv.serve.index import TableIndex, release_freed_memory
 from raycurv.serve.metrics import ServeMetrics
-from raycurv.table import SCORES_FILE, TableError
+from raycurv.storage import FileStamp
+from raycurv.table import TableError
 
 MISSING = "missing"
 
@@ -29,7 +31,7 @@ class RunState:
     """What the service knows of one run; replaced as a whole, never mutated."""
 
     name: str
-    file: Path
+    file: str  # the table file: a local path or a URI
     index: TableIndex | None = None
     loads: int = 0
     failures: int = 0
@@ -42,31 +44,31 @@ class UnknownRun(LookupError):
 
 
 def discover(sources: Sequence[str | os.PathLike], *, log: logging.Logger | None = None
-             ) -> dict[str, Path]:
-    """Run name -> score table file for every run under ``sources``.
+             ) -> dict[str, str]:
+    """Run name -> score table file for every run under ``sources`` (local paths or URIs).
 
-    A source is a run folder (it holds scores.parquet; the run is named after the folder), a
-    folder of run folders, or a table file (named after its folder, or its stem if it is not
-    scores.parquet). When two runs share a name, the first source wins."""
-    found: dict[str, Path] = {}
+    A source is a run folder (it holds a score table; the run is named after the folder), a
+    folder of run folders, or a table file (named after its folder, or its stem if it has another
+    name than the run folder's table). When two runs share a name, the first source wins."""
+    found: dict[str, str] = {}
 
-    def add(name: str, file: Path) -> None:
+    def add(file: str) -> None:
+        name = run_name(file)
         if name in found and found[name] != file:
             if log:
                 log.warning("run name %r at %s is taken by %s; ignored", name, file, found[name])
             return
         found[name] = file
 
-    for source in sources:
-        path = Path(source)
-        if path.is_file():
-            add(path.resolve().parent.name if path.name == SCORES_FILE else path.stem, path)
-        elif (path / SCORES_FILE).is_file():
-            add(path.resolve().name, path / SCORES_FILE)
-        elif path.is_dir():
-            for child in sorted(path.iterdir()):
-                if (child / SCORES_FILE).is_file():
-                    add(child.name, child / SCORES_FILE)
+    for source in map(str, sources):
+        if storage.is_file(source):
+            add(source)
+        elif RunFolder(source).has_scores():
+            add(RunFolder(source).scores)
+        else:
+            for child in map(RunFolder, storage.list_dirs(source)):
+                if child.has_scores():
+                    add(child.scores)
     return found
 
 
@@ -75,7 +77,7 @@ class RunRegistry:
 
     def __init__(self, *, sources: Sequence[str | os.PathLike], metrics: ServeMetrics | None = None,
                  log: logging.Logger | None = None) -> None:
-        self._sources = [Path(s) for s in sources]
+        self._sources = [os.fspath(s) for s in sources]
         self._metrics = metrics
         self._log = log or logging.getLogger("raycurv.serve")
         self._runs: Mapping[str, RunState] = MappingProxyType({})

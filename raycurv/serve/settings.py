@@ -19,7 +19,7 @@ class ServeSettings(BaseModel):
 
     runs: list[str] = Field(
         min_length=1,
-        description="run folders (holding scores.parquet), folders of run folders, or table files",
+        description="run folders (holding a score table), folders of run folders, or table files",
     )
     reload_interval_s: float = Field(
         DEFAULT_RELOAD_INTERVAL_S, gt=0, le=3600,
