@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from raycurv.commands._common import finite_float
@@ -15,7 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `raycurv serve`."""
     parser.add_argument("--runs", nargs="+", action="extend", required=True, metavar="PATH",
                         help="run folder(s), folder(s) of runs, or scores.parquet file(s)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address the service listens on (127.0.0.1; 0.0.0.0: every "
+                             "interface). Ray, its dashboard and HAProxy's stats and metrics "
+                             "stay on 127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (8000)")
     parser.add_argument("--replicas", type=int, default=1, help="Serve replicas (1)")
     parser.add_argument("--replica-cpus", type=finite_float, default=DEFAULT_REPLICA_CPUS,
@@ -42,21 +46,25 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"no such run folder or table: {', '.join(missing)}")
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    from raycurv.serve.launch import check_host, start_service, wait_forever
+
+    loopback = check_host(args.host)
     settings = build_settings(runs=args.runs, reload_interval_s=args.reload_interval,
                               replicas=args.replicas, replica_cpus=args.replica_cpus,
                               token=args.token)
+    if not loopback and not settings.token:
+        print(f"raycurv serve: warning: listening on {args.host} with no token: whoever reaches "
+              "this machine can read the scores (--token or $RAYCURV_SERVE_TOKEN)", file=sys.stderr)
     found = discover(settings.runs)
     if found:
         print(f"raycurv serve: {len(found)} run(s): {', '.join(sorted(found))}")
     else:
         print("raycurv serve: no score tables yet; runs are served as their tables appear")
 
-    from raycurv.serve.launch import start_service, wait_forever
-
-    url = start_service(settings, host=args.host, port=args.port, address=args.address,
-                        ingress=args.ingress)
+    service = start_service(settings, host=args.host, port=args.port, address=args.address,
+                            ingress=args.ingress)
     auth = "bearer token required" if settings.token else "no token (open)"
-    print(f"raycurv serve: serving at {url} (ingress {args.ingress}, {settings.replicas} "
+    print(f"raycurv serve: serving at {service.url} (ingress {args.ingress}, {settings.replicas} "
           f"replica(s), {auth}); Ctrl-C stops", flush=True)
     import signal
 
@@ -68,8 +76,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         wait_forever()
     except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
+        service.stop()
         print("raycurv serve: stopped")
     return 0

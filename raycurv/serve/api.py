@@ -72,9 +72,39 @@ def _unauthorized(reason: str) -> JSONResponse:
                   headers={"WWW-Authenticate": "Bearer"})
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """A request body passed MAX_BODY_BYTES while it was being read.
+
+    Raised from inside ``receive``, so it surfaces where the app reads the body; FastAPI re-raises
+    HTTP exceptions met while reading a body (anything else becomes a 400), and the app's handler
+    answers the 413 before any byte is parsed."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes")
+
+
+def limit_body(receive: Callable[[], Awaitable[dict]], limit: int) -> Callable[[], Awaitable[dict]]:
+    """``receive`` that counts the body bytes it hands on and raises BodyTooLarge once they pass
+    ``limit``. Content-Length alone cannot bound a body: a chunked request has none, so the count
+    is the only limit that holds whatever the transfer encoding."""
+    received = 0
+
+    async def receive_limited() -> dict:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge(limit)
+        return message
+
+    return receive_limited
+
+
 class ObserveMiddleware:
     """In front of every route: checks the bearer token (all routes but /healthz), refuses
-    oversized bodies (413), counts requests by route template and status, times them, and adds
+    oversized bodies (413: at once when Content-Length says so, else as soon as the bytes read
+    pass the limit), counts requests by route template and status, times them, and adds
     a Server-Timing header (time inside the app until the response starts). Requests refused
     before routing are counted under the route "unmatched"."""
 
@@ -139,7 +169,7 @@ class ObserveMiddleware:
             if refusal is not None:
                 await refusal(scope, receive, send_timed)
             else:
-                await self.app(scope, receive, send_timed)
+                await self.app(scope, limit_body(receive, MAX_BODY_BYTES), send_timed)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self._observe(route, scope.get("method", ""), status, time.perf_counter() - started)
