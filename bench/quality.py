@@ -12,8 +12,9 @@ n = 10 run ARE an n-probe run, and any set of scored epochs is a subset of the t
     last K       epochs E-K .. E-1
 
 Cost is (n + 1) gradient passes per sample per scored epoch, relative to n = 10 on every epoch.
-Quality is the mislabel AUROC of the score (the mean over scored epochs), and the AUROC for
-injected conflicting duplicates when --duplicates is given.
+Quality is the AUROC of the score (the mean over scored epochs) for the corrupted labels, and for
+injected conflicting duplicates when --duplicates is given (targets as raycurv.detection defines
+them, the keys "corrupted" and "duplicate" below).
 
     python -m bench.quality --dataset digits --noise 0.1 --seeds 0,1,2,3,4
     python -m bench.quality --dataset fashion-mnist --limit 10000 --noise 0.1 --epochs 15
@@ -40,7 +41,8 @@ from raycurv.curvature import VARIANTS, curvature
 from raycurv.data import prepare_dataset
 from raycurv.data.sharding import epoch_batches, scoring_batches
 from raycurv.data.transforms import crop_padding, to_input
-from raycurv.evaluate import detection
+from raycurv.detection import detection
+from raycurv.detection import targets as detection_targets
 from raycurv.models import build_model
 from raycurv.scoring_model import prepare_for_scoring
 from raycurv.train import SCHEDULES, TrainData, _train_epoch
@@ -115,14 +117,12 @@ def auroc(scores: np.ndarray, target: np.ndarray) -> float:
     return detection(scores, target)["auroc"]
 
 
-def targets(run: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Boolean targets and the samples they are told apart from (as raycurv evaluate does)."""
-    corrupted = run["corrupted"].astype(bool)
-    is_dup = run["duplicate_of"] >= 0
-    out = {"mislabel": (corrupted, np.ones_like(corrupted))}
-    if is_dup.any():
-        out["duplicate"] = (is_dup, ~corrupted)
-    return out
+def targets(run: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Boolean targets and the samples they are told apart from (raycurv.detection's), those
+    the run has samples of."""
+    found = detection_targets(run["corrupted"], run["duplicate_of"])
+    return {name: (positives, among) for name, (positives, among) in found.items()
+            if positives[among].any()}
 
 
 def with_terms(run: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -178,7 +178,7 @@ def analyze(runs: list[dict[str, np.ndarray]]) -> dict:
             "epochs": int(epochs), "seeds": len(runs)}
 
 
-def frontier(rows: list[dict], target: str = "mislabel") -> list[dict]:
+def frontier(rows: list[dict], target: str = "corrupted") -> list[dict]:
     """Settings that no other setting beats on both cost and mean AUROC."""
     ordered = sorted(rows, key=lambda r: (r["cost"], -statistics.mean(r[target])))
     out, best = [], -1.0
@@ -191,7 +191,7 @@ def frontier(rows: list[dict], target: str = "mislabel") -> list[dict]:
 
 def print_tables(result: dict, tolerance: float, max_cost: float) -> dict:
     rows, ref = result["rows"], result["reference"]
-    names = [t for t in ("mislabel", "duplicate") if t in ref]
+    names = [t for t in ("corrupted", "duplicate") if t in ref]
     seeds = result["seeds"]
     print(f"\nreference: n = {ref['n']}, every epoch of {result['epochs']}: "
           + ", ".join(f"{t} AUROC {statistics.mean(ref[t]):.4f}" for t in names)
@@ -215,14 +215,14 @@ def print_tables(result: dict, tolerance: float, max_cost: float) -> dict:
                       f"{statistics.mean(row[t + '_probe_delta']):+.4f}"]
         print("| " + " | ".join(cells) + " |")
     front = frontier(rows)
-    print("\nmislabel frontier (cost, AUROC): " + "; ".join(
-        f"{r['setting']} n={r['n']} {r['cost']:.3f} {statistics.mean(r['mislabel']):.4f}" for r in front))
+    print("\ncorrupted-label frontier (cost, AUROC): " + "; ".join(
+        f"{r['setting']} n={r['n']} {r['cost']:.3f} {statistics.mean(r['corrupted']):.4f}" for r in front))
     ok = [r for r in rows if r["cost"] <= max_cost
-          and min(r["mislabel_delta"]) >= -tolerance]
-    ok.sort(key=lambda r: (r["cost"], -statistics.mean(r["mislabel"])))
+          and min(r["corrupted_delta"]) >= -tolerance]
+    ok.sort(key=lambda r: (r["cost"], -statistics.mean(r["corrupted"])))
     print(f"\nsettings within {tolerance} of the reference on every seed at <= {max_cost:.0%} of its "
           f"cost: " + ("; ".join(f"{r['setting']} n={r['n']} (cost {r['cost']:.3f}, "
-                                  f"Δ {statistics.mean(r['mislabel_delta']):+.4f})" for r in ok)
+                                  f"Δ {statistics.mean(r['corrupted_delta']):+.4f})" for r in ok)
                        or "none"))
     return {"qualifying": [summary(r) for r in ok], "frontier": [summary(r) for r in front]}
 
@@ -230,7 +230,7 @@ def print_tables(result: dict, tolerance: float, max_cost: float) -> dict:
 def summary(row: dict) -> dict:
     """A row for the JSON line: means over seeds, and the worst seed's difference."""
     out = {"setting": row["setting"], "n": row["n"], "cost": round(row["cost"], 4)}
-    for t in ("mislabel", "duplicate"):
+    for t in ("corrupted", "duplicate"):
         if t in row:
             out[t] = round(statistics.mean(row[t]), 5)
             out[f"{t}_delta_mean"] = round(statistics.mean(row[f"{t}_delta"]), 5)

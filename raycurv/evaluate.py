@@ -1,5 +1,6 @@
-"""Detection metrics of a score table: how well curvature (and csl, final loss) find the samples
-whose labels were corrupted, or the injected conflicting duplicates. Higher score = flagged first."""
+"""Metrics of a stored run: detection (raycurv.detection: how well curvature, csl and final loss
+find the corrupted labels and the injected conflicting duplicates), agreement with a reference,
+duplicate groups in the images, an epoch window of the curvature. Higher score = flagged first."""
 
 from __future__ import annotations
 
@@ -7,74 +8,27 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from sklearn.metrics import average_precision_score, roc_auc_score
 
+from raycurv.detection import SCORES, evaluate_table
 from raycurv.errors import UsageError
 from raycurv.runfolder import BY_EPOCH_FILE, RunFolder, read_run_scores
-from raycurv.table import TableError
+from raycurv.table import TableError, rank_and_percentile
 
-SCORES = ("curvature", "csl", "final_loss")
-
-
-def precision_at_k(scores: np.ndarray, target: np.ndarray, k: int) -> float:
-    """Share of true targets among the k highest scores (ties broken by position)."""
-    if k <= 0:
-        return float("nan")
-    top = np.argsort(-scores, kind="stable")[:k]
-    return float(target[top].mean())
-
-
-def detection(scores: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """AUROC, average precision and precision@k (k = number of targets) of ``scores`` for
-    ``target`` (bool). NaN where the target has a single class."""
-    target = np.asarray(target, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    if target.all() or not target.any():
-        return {"auroc": float("nan"), "ap": float("nan"), "precision_at_k": float("nan"), "k": int(target.sum())}
-    k = int(target.sum())
-    return {
-        "auroc": float(roc_auc_score(target, scores)),
-        "ap": float(average_precision_score(target, scores)),
-        "precision_at_k": precision_at_k(scores, target, k),
-        "k": k,
-    }
-
-
-def evaluate_columns(columns: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Detection metrics from per-sample arrays: ``corrupted`` (bool), ``duplicate_of`` (int,
-    -1 or NaN for none) and the score columns. Mislabels are told from all other samples;
-    injected duplicates from the clean samples (neither corrupted nor copies)."""
-    corrupted = np.asarray(columns["corrupted"], dtype=bool)
-    dup = np.asarray(columns["duplicate_of"], dtype=np.float64)
-    is_dup = np.nan_to_num(dup, nan=-1) >= 0
-    out: dict[str, Any] = {"samples": int(len(corrupted)), "corrupted": int(corrupted.sum()),
-                           "duplicates": int(is_dup.sum())}
-    present = [s for s in SCORES if s in columns]
-    if corrupted.any():
-        out["mislabel"] = {s: detection(columns[s], corrupted) for s in present}
-    if is_dup.any():
-        clean = ~corrupted
-        out["duplicate"] = {s: detection(np.asarray(columns[s])[clean], is_dup[clean]) for s in present}
-    return out
-
-
-def evaluate_table(table: pa.Table) -> dict[str, Any]:
-    columns = {name: table.column(name).to_numpy(zero_copy_only=False)
-               for name in ("corrupted", "duplicate_of", *SCORES)}
-    columns["duplicate_of"] = table.column("duplicate_of").fill_null(-1).to_numpy()
-    return evaluate_columns(columns)
+TARGET_TITLES = {"corrupted": "corrupted labels", "duplicate": "duplicates vs clean"}
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    """A small text table: one row per (target, score)."""
+    """The detection metrics of raycurv.detection.evaluate_table as a small text table: one row
+    per (target, score); AP = average precision, P@k = precision among the k highest scores,
+    k = the target's positives (higher = better for all three)."""
     lines = [f"samples {metrics['samples']}, corrupted labels {metrics['corrupted']}, "
              f"injected duplicates {metrics['duplicates']}"]
-    for target in ("mislabel", "duplicate"):
-        if target not in metrics:
-            continue
-        lines.append(f"{'finding ' + target + 's':<22}{'AUROC':>8}{'AP':>8}{'P@k':>8}")
-        for score, m in metrics[target].items():
-            lines.append(f"  {score:<20}{m['auroc']:>8.4f}{m['ap']:>8.4f}{m['precision_at_k']:>8.4f}")
+    for target, by_score in metrics["detection"].items():
+        k = next(iter(by_score.values()))["positives"] if by_score else 0
+        lines.append(f"{f'finding {TARGET_TITLES[target]}, k = {k}':<40}{'AUROC':>8}{'AP':>8}{'P@k':>8}")
+        for score, m in by_score.items():
+            lines.append(f"  {score:<38}{m['auroc']:>8.4f}{m['average_precision']:>8.4f}"
+                         f"{m['precision_at_k']:>8.4f}")
     return "\n".join(lines)
 
 
@@ -122,8 +76,6 @@ def epoch_window(by_epoch: pa.Table, sample_ids: np.ndarray, start: int,
 
 def with_curvature(table: pa.Table, curvature: np.ndarray, epochs_scored: np.ndarray) -> pa.Table:
     """``table`` with curvature, epochs_scored, rank and percentile replaced (same schema)."""
-    from raycurv.table import rank_and_percentile
-
     rank, percentile = rank_and_percentile(curvature)
     for name, values in (("curvature", curvature), ("epochs_scored", epochs_scored),
                          ("rank", rank), ("percentile", percentile)):
@@ -150,15 +102,9 @@ def read_epoch_window(folder: RunFolder, table: pa.Table, epochs: str) -> pa.Tab
 
 # --- duplicate groups found in the images -------------------------------------------------
 
-def percentiles(scores: np.ndarray) -> np.ndarray:
-    """(N,) share of samples with a strictly lower score, in [0, 1] (as the table's percentile)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    return np.searchsorted(np.sort(scores), scores, side="left") / max(len(scores), 1)
-
-
 def _group_ranking(groups: list, pct: np.ndarray, top_share: float) -> dict[str, float]:
     members = np.concatenate([g.members for g in groups])
-    top = pct >= 1 - top_share
+    top = pct >= pct.dtype.type(1 - top_share)  # in the percentile's own precision (float32)
     return {"median_percentile": float(np.median(pct[members])),
             "members_in_top": float(top[members].mean()),
             "groups_with_member_in_top": float(np.mean([top[g.members].any() for g in groups]))}
@@ -191,13 +137,14 @@ def duplicate_metrics(dups, columns: dict[str, np.ndarray], *, top_share: float 
         "samples_in_conflicting": int(sum(len(g.members) for g in conflicting)),
         "top_share": top_share,
     }
-    pct = {s: percentiles(columns[s]) for s in SCORES if s in columns}
+    ranked = {s: rank_and_percentile(columns[s]) for s in SCORES if s in columns}
+    pct = {s: percentile for s, (_, percentile) in ranked.items()}
     if conflicting:
         out["ranking"] = {s: _group_ranking(conflicting, p, top_share) for s, p in pct.items()}
     dup_of = np.asarray(columns["duplicate_of"])
     if (dup_of >= 0).any():
         out["injected"] = _injected_found(dups.group, np.asarray(columns["sample_id"]), dup_of)
-    rank = np.argsort(np.argsort(-np.asarray(columns["curvature"]), kind="stable"), kind="stable") + 1
+    rank = ranked["curvature"][0]
     by_rank = sorted(conflicting, key=lambda g: int(rank[g.members].min()))[:listed]
     out["conflicting"] = [{"group": g.id, "kind": g.kind,
                            "sample_ids": [int(columns["sample_id"][m]) for m in g.members],

@@ -21,8 +21,8 @@ from raycurv.cluster import check_resources, ensure_ray
 from raycurv.config import ScoreSpec
 from raycurv.data import Prepared, prepare_dataset
 from raycurv.data.sharding import actor_shards
+from raycurv.detection import evaluate_table
 from raycurv.errors import UsageError
-from raycurv.evaluate import evaluate_table
 from raycurv.models import MODELS
 from raycurv.results import write_results
 from raycurv.runfolder import RUN_FILE, RunFolder

@@ -3,7 +3,9 @@ settings). One Tune trial trains once per combination of the *training* axes; th
 axes (h, probes, variant) are scored together on each epoch's model by the trial's actors.
 
 Results: ``<sweep_dir>/sweep.parquet`` (and .csv), one row per (trial, estimator), with the
-detection metrics of curvature, csl and final loss; ``best.json``; ``auroc_vs_noise.png``.
+detection metrics (raycurv.detection) of curvature, csl and final loss for the corrupted labels,
+as ``{score}_{metric}`` columns (``curvature_auroc``, ``csl_average_precision``, ...);
+``best.json``; ``auroc_vs_noise.png``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from raycurv import storage
 from raycurv.config import EstimatorSpec, ScoreSpec, load_yaml, merge
+from raycurv.detection import METRICS, SCORES, Metric, evaluate_table
 from raycurv.errors import UsageError
 from raycurv.runfolder import RunFolder
 
@@ -31,8 +34,6 @@ TRAINING_AXES = {
     **{name: f"train.{name}" for name in ("model", "epochs", "batch_size", "lr", "momentum",
                                            "weight_decay", "schedule", "workers")},
 }
-METRICS = ("auroc", "ap", "precision_at_k")
-
 
 class SweepSpec(BaseModel):
     """A sweep file: a base run spec and the axes to vary."""
@@ -43,7 +44,7 @@ class SweepSpec(BaseModel):
     grid: dict[str, list[Any]]  # axis -> values
     search: Literal["grid", "random"] = "grid"
     num_samples: int = Field(default=4, ge=1)  # random search: trials drawn from the training axes
-    metric: Literal["auroc", "ap", "precision_at_k"] = "auroc"
+    metric: Metric = "auroc"  # of curvature for the corrupted labels: the trial's score and best.json
     max_concurrent: int = Field(default=1, ge=1)
     max_failures: int = Field(default=1, ge=0)
     seed: int = 0  # of the random search
@@ -122,8 +123,8 @@ def load_sweep_file(path: str | Path, sweep_dir: str, overrides: dict[str, Any] 
 # --- running a sweep on Ray Tune -------------------------------------------------------------
 
 def _rows(spec: ScoreSpec, point: dict[str, Any], tables: dict, train: dict, seconds: float) -> list[dict]:
-    """One row per estimator of a finished trial: axes, estimator, detection metrics, costs."""
-    from raycurv.evaluate import SCORES, evaluate_table
+    """One row per estimator of a finished trial: axes, estimator, detection metrics of the
+    corrupted labels (``{score}_{metric}``, higher = better), costs."""
     from raycurv.results import estimator_folder
 
     estimators = {e.name: e for e in spec.curvature.estimators}
@@ -132,7 +133,7 @@ def _rows(spec: ScoreSpec, point: dict[str, Any], tables: dict, train: dict, sec
     rows = []
     for k, (name, table) in enumerate(tables.items()):
         est = estimators[name]
-        found = evaluate_table(table).get("mislabel", {})
+        found = evaluate_table(table)["detection"].get("corrupted", {})
         row = {"trial": trial_name(point), "noise": spec.data.noise, **point,
                "h": est.h, "probes": est.probes, "variant": est.variant, "estimator": name,
                "table": estimator_folder(spec, est, primary=k == 0).scores}

@@ -95,7 +95,9 @@ def test_evaluate_with_reference_and_window(run, capsys, tmp_path):
     assert code == 0, err
     m = json.loads(out)
     assert m["epochs"] == "2:3" and m["samples"] == len(data)
-    assert m["mislabel"]["curvature"]["auroc"] > 0.95 and m["duplicate"]["curvature"]["auroc"] > 0.99
+    found = m["detection"]
+    assert found["corrupted"]["curvature"]["auroc"] > 0.95 and found["duplicate"]["curvature"]["auroc"] > 0.99
+    assert found["duplicate"]["curvature"]["positives"] == 10
     a = m["agreement"]
     assert a["k"] == round(0.1 * len(data)) and a["samples"] == len(data)
     assert a["scores"]["curvature"]["top_k_overlap"] > 0.6  # k = 31 of 40 tied at the top of mem
@@ -148,4 +150,4 @@ def test_missing_run_and_missing_data(capsys, tmp_path):
     code, _, err = _cli(capsys, ["evaluate", str(run_dir)])
     assert code == 2 and "no run.json" in err
     code, out, _ = _cli(capsys, ["evaluate", str(run_dir), "--no-duplicates"])
-    assert code == 0 and "finding mislabels" in out
+    assert code == 0 and "finding corrupted labels" in out

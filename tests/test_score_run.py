@@ -62,7 +62,7 @@ def test_curvature_finds_the_corrupted_labels(digits_run, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(digits_run), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics["mislabel"]["curvature"]["auroc"] == pytest.approx(auroc, abs=1e-9)
+    assert metrics["detection"]["corrupted"]["curvature"]["auroc"] == pytest.approx(auroc, abs=1e-9)
     assert metrics["corrupted"] == 60
 
 

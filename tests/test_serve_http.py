@@ -221,6 +221,7 @@ def test_summary_counts_and_detection(service):
     assert sum(item["count"] for item in body["by_label"]) == 60
     assert body["curvature"]["max"] == pytest.approx(float(curvature.max()))
     found = {(d["target"], d["score"]): d for d in body["detection"]}
+    assert {score for _, score in found} == {"curvature", "csl", "final_loss"}
     assert found["corrupted", "curvature"]["auroc"] == pytest.approx(
         roc_auc_score(corrupted, curvature))
     assert found["corrupted", "curvature"]["average_precision"] == pytest.approx(

@@ -12,10 +12,11 @@ import yaml
 
 from raycurv.cli import main
 from raycurv.serve import payloads
-from raycurv.serve.index import TableIndex, auroc
+from raycurv.serve.index import TableIndex
 from raycurv.serve.metrics import build_metrics
 from raycurv.serve.registry import RunRegistry
 from raycurv.serve.settings import ServeSettings
+from raycurv.table import rank_and_percentile
 from tests.serve_support import make_table, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,13 +85,16 @@ def test_top_orders_and_label_groups():
     assert index.top(3, label=99)[1] == 0
 
 
-def test_auroc_matches_sklearn_with_ties():
-    from sklearn.metrics import roc_auc_score
-
-    rng = np.random.default_rng(6)
-    scores = rng.integers(0, 5, 200).astype(np.float64)  # many ties
-    positives = rng.random(200) < 0.3
-    assert auroc(scores, positives) == pytest.approx(roc_auc_score(positives, scores))
+def test_a_rank_column_that_is_no_permutation_is_recomputed_as_the_table_ranks():
+    table = make_table(30, seed=6)
+    curvature = table.column("curvature").to_numpy().copy()
+    curvature[[3, 7, 11]] = curvature[5]  # ties: broken by row position
+    table = table.set_column(table.schema.get_field_index("curvature"), "curvature",
+                             pa.array(curvature, type=pa.float32()))
+    rank = rank_and_percentile(curvature)[0]
+    for bad in (np.ones(30, dtype=np.int64), np.r_[1, 1, np.arange(3, 31)].astype(np.int64)):
+        index = _index(table.set_column(table.schema.get_field_index("rank"), "rank", pa.array(bad)))
+        assert index.order.tolist() == np.argsort(rank).tolist()
 
 
 def test_registry_refuses_once_and_counts(tmp_path):

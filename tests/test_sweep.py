@@ -50,8 +50,10 @@ def test_auroc_equals_raycurv_evaluate_on_the_trial_tables(sweep_dir, capsys):
         capsys.readouterr()
         assert main(["evaluate", row.table, "--json"]) == 0
         metrics = json.loads(capsys.readouterr().out)
-        assert metrics["mislabel"]["curvature"]["auroc"] == row.curvature_auroc
-        assert metrics["mislabel"]["csl"]["ap"] == row.csl_ap
+        found = metrics["detection"]["corrupted"]
+        assert found["curvature"]["auroc"] == row.curvature_auroc
+        assert found["csl"]["average_precision"] == row.csl_average_precision
+        assert found["final_loss"]["precision_at_k"] == row.final_loss_precision_at_k
 
 
 @pytest.mark.slow

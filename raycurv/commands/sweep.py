@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from raycurv.commands._common import finite_float
+from raycurv.detection import METRICS
 
 
 def _floats(text: str) -> list[float]:
@@ -40,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="base: training epochs")
     parser.add_argument("--search", choices=["grid", "random"], default=None)
     parser.add_argument("--num-samples", type=int, default=None, help="random search: trials")
-    parser.add_argument("--metric", choices=["auroc", "ap", "precision_at_k"], default=None)
+    parser.add_argument("--metric", choices=METRICS, default=None,
+                        help="of curvature for the corrupted labels: what a trial reports and best.json picks by")
     parser.add_argument("--max-concurrent", type=int, default=None, help="trials at a time")
     parser.add_argument("--address", default=None, help="an existing Ray cluster (default: local)")
 
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.sweep_dir}/sweep.parquet ({len(rows)} rows), sweep.csv, best.json, auroc_vs_noise.png")
     print(f"{'estimator':<22}{'noise':>7}{'AUROC':>8}{'AP':>8}{'csl AUROC':>11}{'wall s':>8}")
     for r in sorted(rows, key=lambda r: (r["noise"], r["estimator"])):
-        print(f"{r['estimator']:<22}{r['noise']:>7g}{r['curvature_auroc']:>8.4f}{r['curvature_ap']:>8.4f}"
+        print(f"{r['estimator']:<22}{r['noise']:>7g}{r['curvature_auroc']:>8.4f}{r['curvature_average_precision']:>8.4f}"
               f"{r['csl_auroc']:>11.4f}{r['wall_s']:>8.0f}")
     best = best_row(rows, sweep.metric)
     if best:

@@ -22,9 +22,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raycurv.detection import detection_items, evaluate_columns
 from raycurv.runfolder import RunFolder, read_run_scores, run_name
 from raycurv.storage import FileStamp
-from raycurv.table import COLUMNS, SCHEMA, read_metadata
+from raycurv.table import COLUMNS, SCHEMA, rank_and_percentile, read_metadata
 
 Order = Literal["desc", "asc"]
 
@@ -47,15 +48,25 @@ def _rank_order(rank: np.ndarray, curvature: np.ndarray) -> np.ndarray:
     """Row positions sorted by rank (rank 1, the highest curvature, first).
 
     The table's ``rank`` column is used when it is a permutation of 1..N (an O(N) scatter);
-    otherwise the order is recomputed from curvature (ties by row position)."""
+    otherwise the rank is recomputed from curvature by raycurv.table.rank_and_percentile (ties
+    by row position), the rank every table is written with."""
+    order = _scatter_ranks(rank)
+    if order is None:
+        order = _scatter_ranks(rank_and_percentile(curvature)[0])
+    return order
+
+
+def _scatter_ranks(rank: np.ndarray) -> np.ndarray | None:
+    """Row positions by rank, or None when ``rank`` is not a permutation of 1..N."""
     n = len(rank)
     dtype = np.int32 if n < 2**31 - 1 else np.int64
-    if n and rank.min() == 1 and rank.max() == n:
-        order = np.full(n, -1, dtype=dtype)
-        order[rank - 1] = np.arange(n, dtype=dtype)
-        if (order >= 0).all():
-            return order
-    return np.lexsort((np.arange(n), -curvature.astype(np.float64))).astype(dtype)
+    if not n:
+        return np.empty(0, dtype=dtype)
+    if rank.min() != 1 or rank.max() != n:
+        return None
+    order = np.full(n, -1, dtype=dtype)
+    order[rank - 1] = np.arange(n, dtype=dtype)
+    return order if (order >= 0).all() else None
 
 
 def _group_by_label(order: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -97,44 +108,6 @@ def _stats(values: np.ndarray, descending_order: np.ndarray | None = None) -> di
         "mean": float(finite.mean()),
         "std": float(finite.std()),
         "quantiles": qs,
-    }
-
-
-def auroc(scores: np.ndarray, positives: np.ndarray, order: np.ndarray | None = None) -> float:
-    """Area under the ROC curve of ``scores`` (higher = more likely positive), ties averaged.
-
-    ``order`` (positions by descending score) saves the sort when the caller has it."""
-    scores = np.asarray(scores, dtype=np.float64)
-    positives = np.asarray(positives, dtype=bool)
-    if order is None:
-        order = np.argsort(-scores, kind="stable")
-    n = len(scores)
-    n_pos = int(positives.sum())
-    ascending = order[::-1]
-    sorted_scores = scores[ascending]
-    sorted_pos = positives[ascending]
-    # tie groups of equal scores share their average 1-based ascending rank
-    starts = np.concatenate(([0], np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]) + 1))
-    ends = np.append(starts[1:], n)
-    cumulative = np.concatenate(([0], np.cumsum(sorted_pos)))
-    rank_sum = float((((starts + 1 + ends) / 2.0) * (cumulative[ends] - cumulative[starts])).sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * (n - n_pos))
-
-
-def detection(scores: np.ndarray, positives: np.ndarray, order: np.ndarray) -> dict[str, Any]:
-    """How well ``scores`` (higher = more memorized) picks out ``positives``.
-
-    ``order`` lists positions by descending score (ties broken by it for average precision and
-    precision@k). Returns positives, AUROC, average precision and precision at k = positives."""
-    hits = positives[order]
-    n_pos = int(hits.sum())
-    cumulative = np.cumsum(hits)
-    at = np.flatnonzero(hits)
-    return {
-        "positives": n_pos,
-        "auroc": auroc(scores, positives, order),
-        "average_precision": float(np.mean(cumulative[at] / (at + 1))),
-        "precision_at_k": float(cumulative[n_pos - 1] / n_pos),
     }
 
 
@@ -318,7 +291,8 @@ class TableIndex:
     def summary(self) -> dict[str, Any]:
         """Distribution of the scores, per-label counts, and detection metrics where the table
         knows the truth (injected label noise: ``corrupted``; injected duplicates:
-        ``duplicate_of``). Computed once, on first use."""
+        ``duplicate_of``), those of ``raycurv evaluate`` (raycurv.detection: targets, scores and
+        figures defined there). Computed once, on first use."""
         with self._summary_lock:
             if not self._summary:
                 self._summary.update(self._compute_summary())
@@ -328,7 +302,6 @@ class TableIndex:
         c = self.columns
         n = self.rows
         corrupted = c["corrupted"]
-        duplicate = c["duplicate_of"] >= 0
         counts = np.diff(self.label_starts)
         by_label = []
         for i, value in enumerate(self.label_values.tolist()):
@@ -339,31 +312,19 @@ class TableIndex:
                 "corrupted": int(corrupted[rows].sum()),
                 "mean_curvature": float(c["curvature"][rows].astype(np.float64).mean()),
             })
-        detections = []
-        csl_order = None
-        for target, positives in (("corrupted", corrupted), ("duplicate", duplicate)):
-            n_pos = int(positives.sum())
-            if n_pos == 0 or n_pos == n:
-                continue
-            detections.append({"target": target, "score": "curvature",
-                               **detection(c["curvature"], positives, self.order)})
-            if csl_order is None:
-                csl = np.nan_to_num(c["csl"], nan=-np.inf)
-                csl_order = np.argsort(-csl, kind="stable")
-            detections.append({"target": target, "score": "csl",
-                               **detection(csl, positives, csl_order)})
+        metrics = evaluate_columns(c)
         epochs = c["epochs_scored"]
         return {
             "run": self.run,
             "rows": n,
             "classes": len(self.label_values),
             "epochs_scored": int(epochs.max()) if n else None,
-            "corrupted": int(corrupted.sum()),
-            "duplicates": int(duplicate.sum()),
+            "corrupted": metrics["corrupted"],
+            "duplicates": metrics["duplicates"],
             "curvature": _stats(c["curvature"], self.order),
             "csl": _stats(c["csl"]),
             "by_label": by_label,
-            "detection": detections,
+            "detection": detection_items(metrics),
         }
 
 

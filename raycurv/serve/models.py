@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from raycurv.detection import Score, Target
+
 MAX_BATCH = 10_000  # sample ids per lookup request
 MAX_K = 10_000  # rows per top-k request
 MAX_SAMPLE_ID = 2**53 - 1  # the largest integer every JSON client reads exactly
@@ -133,14 +135,20 @@ class LabelSummary(BaseModel):
 
 
 class Detection(BaseModel):
-    """How well a score (higher = more memorized) finds the known-bad samples of the run."""
+    """How well a score (higher = more memorized) finds the known-bad samples of the run; the
+    figures of ``raycurv evaluate`` (raycurv.detection). A figure is null where the comparison
+    holds a single class."""
 
-    target: Literal["corrupted", "duplicate"]
-    score: Literal["curvature", "csl"]
-    positives: int
-    auroc: float
-    average_precision: float
-    precision_at_k: float = Field(description="precision among the top k, k = positives")
+    target: Target = Field(description=(
+        "corrupted: samples whose label was changed by injected noise, told apart from all other "
+        "samples; duplicate: injected conflicting duplicates, told apart from the clean samples "
+        "(neither corrupted nor copies)"))
+    score: Score
+    positives: int = Field(description="samples of the target within its comparison")
+    auroc: float | None = Field(description="area under the ROC curve (scikit-learn), ties counted half")
+    average_precision: float | None = Field(description="scikit-learn's average precision")
+    precision_at_k: float | None = Field(
+        description="precision among the k highest scores, k = positives, ties in row order")
 
 
 class SummaryResponse(BaseModel):
