@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -9,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from raycurv.errors import UsageError
+from raycurv.storage import is_uri
 
 NoiseKind = Literal["symmetric", "pairwise"]
 Variant = Literal["norm", "trace"]
@@ -137,10 +139,12 @@ class ScoreSpec(_Spec):
 
     @field_validator("run_dir")
     @classmethod
-    def _run_dir_not_empty(cls, value: str) -> str:
+    def _run_dir_absolute(cls, value: str) -> str:
+        """A local run folder is made absolute: training workers and actors, whose working
+        folder is not the driver's, must write to the same place."""
         if not value.strip():
             raise ValueError("run_dir must not be empty")
-        return value
+        return value if is_uri(value) else os.path.abspath(value)
 
     @property
     def run_name(self) -> str:

@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.neighbors import NearestNeighbors
 from torch.nn import functional as F
 
 KEEP = 6  # Fourier frequencies per axis in the candidate descriptor
@@ -170,8 +173,6 @@ def candidate_pairs(images: np.ndarray, scale: float, neighbors: int = NEIGHBORS
     """(P, 2) unique pairs i < j where j is among the ``neighbors`` nearest descriptors of image
     i shifted by any of up to ``max_shift`` pixels each way (so a shifted copy meets its source
     exactly), or the reverse. Constant images (zero descriptor) take no part."""
-    from sklearn.neighbors import NearestNeighbors
-
     base = descriptors(images, scale)
     valid = np.flatnonzero(np.abs(base).sum(1) > 0)
     if len(valid) < 2:
@@ -210,9 +211,6 @@ def near_pairs(images: np.ndarray, scale: float, *, threshold: float = NEAR_THRE
 def group_pairs(n: int, pairs: np.ndarray) -> np.ndarray:
     """(N,) group id per position from linking ``pairs`` transitively; -1 for a singleton.
     Group ids are numbered 0.. in the order of each group's first member."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     sizes = np.bincount(component)

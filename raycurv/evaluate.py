@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from raycurv.detection import SCORES, evaluate_table
 from raycurv.errors import UsageError
+from raycurv.rundata import load_run_data
 from raycurv.runfolder import BY_EPOCH_FILE, RunFolder, read_run_scores
 from raycurv.table import TableError, rank_and_percentile
 
@@ -165,8 +166,7 @@ def table_columns(table: pa.Table) -> dict[str, np.ndarray]:
 
 def find_run_duplicates(folder: RunFolder, table: pa.Table, threshold: float):
     """Exact and near duplicate groups among the run's images (prepared again from the run's record)."""
-    from raycurv.duplicates import find_duplicates  # torch: only where duplicates are searched
-    from raycurv.rundata import load_run_data
+    from raycurv.duplicates import find_duplicates  # torch and a nearest-neighbour index: only here
 
     data = load_run_data(folder, table)
     return find_duplicates(data.images, data.labels, scale=data.norm.scale, threshold=threshold)
@@ -192,7 +192,7 @@ def collect_metrics(table: pa.Table, *, reference: pa.Table | None = None, top_k
     if epochs is not None:
         metrics["epochs"] = epochs
     if reference is not None:
-        from raycurv.agreement import evaluate_reference
+        from raycurv.agreement import evaluate_reference  # scipy: only with a reference
 
         metrics["agreement"] = evaluate_reference(table, reference, top_k=top_k)
     if dups is not None:
@@ -207,7 +207,7 @@ def evaluate_run(run: str, *, reference: str | None = None, top_k: float = 0.1,
     reference table, duplicate groups in the images. ``epochs`` 'A:B' scores by the mean
     curvature of epochs A..B-1 instead of all scored epochs. Bad input raises UsageError."""
     from raycurv.duplicates import NEAR_THRESHOLD
-    from raycurv.reference import read_reference
+    from raycurv.reference import read_reference  # torch and Ray: only with a reference
 
     folder, table = load_run_table(run, epochs)
     ref = read_reference(reference)[0] if reference is not None else None
@@ -238,7 +238,7 @@ def format_duplicates(d: dict[str, Any]) -> str:
 
 def format_run(metrics: dict[str, Any]) -> str:
     """Detection, agreement and duplicate sections as text."""
-    from raycurv.agreement import format_agreement
+    from raycurv.agreement import format_agreement  # scipy: only with a reference
 
     parts = []
     if "epochs" in metrics:

@@ -8,11 +8,11 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from ray.util.metrics import Counter, Gauge
+
 
 @cache
 def run_metrics() -> dict[str, Any]:
-    from ray.util.metrics import Counter, Gauge
-
     tags = ("run",)
     return {
         "epoch": Gauge("raycurv_train_epoch", "last finished training epoch (1-based)", tag_keys=tags),

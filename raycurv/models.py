@@ -81,7 +81,7 @@ class CifarResNet18(nn.Module):
 
 def _torchvision(name: str) -> Callable[[int, int], nn.Module]:
     def build(in_channels: int, num_classes: int) -> nn.Module:
-        import torchvision
+        import torchvision  # seconds to import; only these models need it
 
         # weights=None: raycurv never downloads weights; it trains from scratch.
         model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)

@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import ray
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -46,7 +47,10 @@ from torch.nn import functional as F
 
 import raycurv
 from raycurv import storage
+from raycurv.cluster import check_resources, ensure_ray
 from raycurv.config import DataSpec, Schedule
+from raycurv.data import prepare_dataset
+from raycurv.data.transforms import to_input
 from raycurv.errors import UsageError
 from raycurv.runfolder import RunFolder
 
@@ -311,8 +315,6 @@ def _task_groups(models: int, per_task: int) -> list[np.ndarray]:
 def _run_tasks(spec: ReferenceSpec, inputs: np.ndarray, labels: np.ndarray, num_classes: int,
                progress) -> dict[str, np.ndarray]:
     """Submit one task per group of models and sum their counts as they finish."""
-    import ray
-
     remote = ray.remote(_task).options(num_cpus=spec.task_cpus, num_gpus=spec.task_gpus,
                                        max_retries=2)
     inputs_ref, labels_ref = ray.put(inputs), ray.put(labels)
@@ -338,8 +340,6 @@ def _run_tasks(spec: ReferenceSpec, inputs: np.ndarray, labels: np.ndarray, num_
 
 def check_spec(spec: ReferenceSpec):
     """Checks that need no cluster; returns the prepared dataset."""
-    from raycurv.data import prepare_dataset
-
     data = prepare_dataset(spec.data, seed=spec.seed)
     size = subset_size(len(data), spec.keep)
     if size < 1 or size >= len(data):
@@ -354,9 +354,6 @@ def check_spec(spec: ReferenceSpec):
 
 def estimate(spec: ReferenceSpec, *, address: str | None = None, progress=print) -> ReferenceResult:
     """Train ``spec.models`` models on Ray, write the reference table to ``spec.out``, return it."""
-    from raycurv.cluster import check_resources, ensure_ray
-    from raycurv.data.transforms import to_input
-
     started = time.perf_counter()
     data = check_spec(spec)
     ensure_ray(address, cpus_needed=spec.task_cpus)

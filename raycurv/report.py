@@ -27,12 +27,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from raycurv import storage
 from raycurv.agreement import join_reference
 from raycurv.duplicates import NEAR_THRESHOLD, find_duplicates
 from raycurv.errors import UsageError
-from raycurv.evaluate import collect_metrics, format_run, load_run_table, table_columns
+from raycurv.evaluate import SCORES, collect_metrics, format_run, load_run_table, table_columns
 from raycurv.reference import read_reference
 from raycurv.rundata import load_run_data
 from raycurv.table import read_metadata
@@ -46,7 +48,8 @@ CLASS_NAMES = {
 COLORS = {"clean": "#4c72b0", "corrupted": "#dd5151", "duplicate": "#e39b22"}
 
 
-def _pyplot():
+def pyplot():
+    """pyplot on the file-only Agg backend (chosen before pyplot loads; no display here)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +61,7 @@ def _pyplot():
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path.name
 
 
@@ -78,7 +81,7 @@ def _log_bins(values: np.ndarray, count: int = 60) -> np.ndarray:
 
 def histogram_figure(cols: dict[str, np.ndarray], path: Path) -> str:
     """Histogram of curvature per kind of sample (clean / corrupted / duplicate), log x."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     bins = _log_bins(cols["curvature"])
     for kind, mask in _groups(cols).items():
@@ -92,10 +95,6 @@ def histogram_figure(cols: dict[str, np.ndarray], path: Path) -> str:
 
 def roc_figure(cols: dict[str, np.ndarray], path: Path) -> str | None:
     """ROC curves of every score for the known targets; None when no noise was injected."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    from raycurv.evaluate import SCORES
-
     clean = ~cols["corrupted"]
     targets = [(name, mask, target) for name, mask, target in (
         ("corrupted labels", np.ones_like(clean), cols["corrupted"]),
@@ -103,7 +102,7 @@ def roc_figure(cols: dict[str, np.ndarray], path: Path) -> str | None:
         if target[mask].any() and not target[mask].all()]
     if not targets:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(targets), figsize=(4.6 * len(targets), 4.2), squeeze=False)
     for ax, (name, mask, target) in zip(axes[0], targets, strict=True):
         for score in SCORES:
@@ -118,7 +117,7 @@ def roc_figure(cols: dict[str, np.ndarray], path: Path) -> str | None:
 
 def csl_figure(cols: dict[str, np.ndarray], path: Path) -> str:
     """Scatter of curvature against csl (cumulative training loss), per kind, log-log."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 4.4))
     floor = _log_bins(cols["curvature"])[0]
     for kind, mask in _groups(cols).items():
@@ -134,7 +133,7 @@ def per_class_figure(cols: dict[str, np.ndarray], names: tuple[str, ...] | None,
                      max_classes: int = 50) -> str:
     """Box plots of curvature per given label; past ``max_classes``, the classes with the
     highest median curvature."""
-    plt = _pyplot()
+    plt = pyplot()
     classes = np.unique(cols["label"])
     medians = np.array([np.median(cols["curvature"][cols["label"] == c]) for c in classes])
     shown = classes[np.sort(np.argsort(-medians, kind="stable")[:max_classes])]
@@ -153,7 +152,7 @@ def per_class_figure(cols: dict[str, np.ndarray], names: tuple[str, ...] | None,
 def epochs_figure(by_epoch: pa.Table, cols: dict[str, np.ndarray], path: Path, top: int = 10) -> str:
     """Per-epoch curvature of the ``top`` highest-ranked samples, against the median and the
     10-90 % band of all samples."""
-    plt = _pyplot()
+    plt = pyplot()
     ids, epoch = by_epoch.column("sample_id").to_numpy(), by_epoch.column("epoch").to_numpy()
     values = by_epoch.column("curvature").to_numpy()
     epochs = np.unique(epoch)
@@ -174,7 +173,7 @@ def epochs_figure(by_epoch: pa.Table, cols: dict[str, np.ndarray], path: Path, t
 
 def reference_figure(cols: dict[str, np.ndarray], joined: dict[str, np.ndarray], path: Path) -> str:
     """Scatter of curvature against the reference's mem, per kind of sample."""
-    plt = _pyplot()
+    plt = pyplot()
     pos = np.searchsorted(cols["sample_id"], joined["sample_id"])
     fig, ax = plt.subplots(figsize=(5.6, 4.4))
     for kind, mask in _groups(cols).items():
@@ -189,8 +188,6 @@ def reference_figure(cols: dict[str, np.ndarray], joined: dict[str, np.ndarray],
 
 def _thumbnail(image: np.ndarray, scale: float, path: Path, side: int = 64) -> str:
     """Write one (C, H, W) image as a PNG, upscaled (nearest) to about ``side`` pixels."""
-    from PIL import Image
-
     pixels = np.clip(np.asarray(image, dtype=np.float64) / scale * 255, 0, 255).astype(np.uint8)
     img = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels[:3].transpose(1, 2, 0))
     factor = max(1, side // max(img.size))

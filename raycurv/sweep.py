@@ -10,6 +10,7 @@ as ``{score}_{metric}`` columns (``curvature_auroc``, ``csl_average_precision``,
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import re
@@ -18,12 +19,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import tune
 
 from raycurv import storage
+from raycurv.cluster import ensure_ray
 from raycurv.config import EstimatorSpec, ScoreSpec, load_yaml, merge
 from raycurv.detection import METRICS, SCORES, Metric, evaluate_table
 from raycurv.errors import UsageError
+from raycurv.report import pyplot
+from raycurv.results import estimator_folder
+from raycurv.run import score_run
 from raycurv.runfolder import RunFolder
 
 # axis name -> dotted path in ScoreSpec; "train.*" settings are axes too, by their field name
@@ -125,7 +133,6 @@ def load_sweep_file(path: str | Path, sweep_dir: str, overrides: dict[str, Any] 
 def _rows(spec: ScoreSpec, point: dict[str, Any], tables: dict, train: dict, seconds: float) -> list[dict]:
     """One row per estimator of a finished trial: axes, estimator, detection metrics of the
     corrupted labels (``{score}_{metric}``, higher = better), costs."""
-    from raycurv.results import estimator_folder
 
     estimators = {e.name: e for e in spec.curvature.estimators}
     passes = {h: 1 + max(e.probes for e in estimators.values() if e.h == h)
@@ -148,9 +155,6 @@ def _rows(spec: ScoreSpec, point: dict[str, Any], tables: dict, train: dict, sec
 
 def run_trial(config: dict[str, Any]) -> None:
     """Tune function trainable: train once, score every estimator, write the trial's rows, report."""
-    from ray import tune
-
-    from raycurv.run import score_run
 
     sweep, point = SweepSpec.model_validate(config["sweep"]), config["point"]
     spec = trial_spec(sweep, point, config["sweep_dir"])
@@ -169,8 +173,6 @@ def run_trial(config: dict[str, Any]) -> None:
 
 
 def _param_space(sweep: SweepSpec, sweep_dir: str) -> dict[str, Any]:
-    from ray import tune
-
     points = training_points(sweep)
     if sweep.search == "random":
         rng = np.random.default_rng(sweep.seed)
@@ -181,9 +183,6 @@ def _param_space(sweep: SweepSpec, sweep_dir: str) -> dict[str, Any]:
 
 def run_sweep(sweep: SweepSpec, sweep_dir: str, *, address: str | None = None) -> list[dict]:
     """Run every trial on Ray Tune (``max_concurrent`` at a time), collect and write the results."""
-    from ray import tune
-
-    from raycurv.cluster import ensure_ray
 
     storage.check_writable_folder(sweep_dir)
     base = trial_spec(sweep, training_points(sweep)[0], sweep_dir)
@@ -219,8 +218,6 @@ def best_row(rows: list[dict], metric: str) -> dict | None:
 
 def write_results(rows: list[dict], sweep: SweepSpec, sweep_dir: str) -> None:
     """sweep.parquet and sweep.csv (one row per trial x estimator), best.json, the AUROC plot."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
 
     table = pa.Table.from_pylist(sorted(rows, key=lambda r: (r["trial"], r["estimator"])))
     storage.write_parquet(storage.join(sweep_dir, "sweep.parquet"), table)
@@ -235,13 +232,7 @@ def write_results(rows: list[dict], sweep: SweepSpec, sweep_dir: str) -> None:
 
 def plot_auroc(rows: list[dict]) -> bytes:
     """PNG: mislabel AUROC of curvature against the noise rate, one line per (h, variant, n)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for name in sorted({r["estimator"] for r in rows}):
         points = sorted((r["noise"], r["curvature_auroc"]) for r in rows if r["estimator"] == name)

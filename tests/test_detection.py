@@ -17,9 +17,9 @@ from sklearn.metrics import roc_auc_score
 from raycurv.cli import main
 from raycurv.detection import METRICS, SCORES, detection, evaluate_columns, evaluate_table, targets
 from raycurv.serve.api import build_api
-from raycurv.serve.metrics import build_metrics
-from raycurv.serve.models import SummaryResponse
+from raycurv.serve.prometheus import build_metrics
 from raycurv.serve.registry import RunRegistry
+from raycurv.serve.schemas import SummaryResponse
 from raycurv.serve.settings import build_settings
 from raycurv.table import build_table, read_metadata
 from tests.serve_support import make_table, write_run

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from raycurv.cli import main
-from raycurv.serve.models import MAX_BATCH
+from raycurv.serve.schemas import MAX_BATCH
 from raycurv.serve.settings import build_settings
 from tests.serve_support import make_table, run_app, write_run
 

@@ -13,7 +13,7 @@ import yaml
 from raycurv.cli import main
 from raycurv.serve import payloads
 from raycurv.serve.index import TableIndex
-from raycurv.serve.metrics import build_metrics
+from raycurv.serve.prometheus import build_metrics
 from raycurv.serve.registry import RunRegistry
 from raycurv.serve.settings import ServeSettings
 from raycurv.table import rank_and_percentile

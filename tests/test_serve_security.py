@@ -25,7 +25,7 @@ from raycurv.cli import main
 from raycurv.cluster import CLUSTER_MARK_ENV, descendants, record_cluster_processes
 from raycurv.serve.api import MAX_BODY_BYTES, build_api
 from raycurv.serve.launch import SERVICE_SECTIONS, confine_haproxy
-from raycurv.serve.metrics import build_metrics
+from raycurv.serve.prometheus import build_metrics
 from raycurv.serve.registry import RunRegistry
 from raycurv.serve.settings import build_settings
 from tests.serve_support import (

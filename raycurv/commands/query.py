@@ -9,7 +9,7 @@ from pathlib import Path
 from raycurv import storage
 from raycurv.errors import UsageError
 from raycurv.serve.client import DEFAULT_URL
-from raycurv.serve.settings import TOKEN_ENV
+from raycurv.serve.settings import TOKEN_ENV, env_token
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,13 +42,11 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Ask the service (or read the table) and print the rows."""
-    import os
-
     from raycurv.serve import client
 
     _check(args)
     local = args.url is None and (storage.is_uri(args.run) or Path(args.run).exists())
-    token = args.token or os.environ.get(TOKEN_ENV)
+    token = args.token or env_token()
     url = args.url or DEFAULT_URL
     try:
         if args.sample_id is not None:

@@ -13,6 +13,7 @@ from raycurv.commands._common import (
     finite_float,
     spec_overrides,
 )
+from raycurv.config import merge
 from raycurv.errors import UsageError
 from raycurv.runfolder import REFERENCE_FILE, RUN_FILE, RunFolder
 
@@ -51,7 +52,6 @@ def _from_run(run: str) -> dict[str, Any]:
 
 
 def build_spec(args: argparse.Namespace):
-    from raycurv.config import merge
     from raycurv.reference import ReferenceSpec
 
     base = _from_run(args.from_run) if args.from_run else {}

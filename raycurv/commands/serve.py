@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from raycurv.commands._common import finite_float
+from raycurv import storage
+from raycurv.commands._common import add_address, finite_float
 from raycurv.errors import UsageError
 from raycurv.serve.launch import DEFAULT_INGRESS, INGRESS_ENV
 from raycurv.serve.settings import DEFAULT_RELOAD_INTERVAL_S, DEFAULT_REPLICA_CPUS, TOKEN_ENV
@@ -15,7 +15,7 @@ from raycurv.serve.settings import DEFAULT_RELOAD_INTERVAL_S, DEFAULT_REPLICA_CP
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `raycurv serve`."""
     parser.add_argument("--runs", nargs="+", action="extend", required=True, metavar="PATH",
-                        help="run folder(s), folder(s) of runs, or scores.parquet file(s)")
+                        help="run folder(s), folder(s) of runs, or score table file(s); paths or URIs")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address the service listens on (127.0.0.1; 0.0.0.0: every "
                              "interface). Ray, its dashboard and HAProxy's stats and metrics "
@@ -32,8 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ingress", choices=sorted(INGRESS_ENV), default=DEFAULT_INGRESS,
                         help=f"Ray Serve ingress option for a local cluster ({DEFAULT_INGRESS}, "
                              "the fastest in bench/serve_load.py)")
-    parser.add_argument("--address", default=None,
-                        help="an existing Ray cluster (default: start a local one)")
+    add_address(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
     from raycurv.serve.registry import discover
     from raycurv.serve.settings import build_settings
 
-    missing = [p for p in args.runs if not Path(p).exists()]
+    try:
+        missing = [p for p in args.runs if not storage.exists(p)]
+    except OSError as exc:
+        raise UsageError(f"cannot reach the run folders: {str(exc).splitlines()[0]}") from None
     if missing:
         raise UsageError(f"no such run folder or table: {', '.join(missing)}")
     if not 0 < args.port < 65536:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from raycurv.commands._common import finite_float
+from raycurv.commands._common import add_address, finite_float
+from raycurv.config import load_yaml, merge
 from raycurv.detection import METRICS
 
 
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", choices=METRICS, default=None,
                         help="of curvature for the corrupted labels: what a trial reports and best.json picks by")
     parser.add_argument("--max-concurrent", type=int, default=None, help="trials at a time")
-    parser.add_argument("--address", default=None, help="an existing Ray cluster (default: local)")
+    add_address(parser)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,7 +64,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from raycurv.config import load_yaml, merge
     from raycurv.sweep import best_row, load_sweep, run_sweep
 
     data = merge(load_yaml(args.config) if args.config else {"grid": {}}, _overrides(args))

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
 
 from raycurv.errors import UsageError
 
@@ -45,7 +47,7 @@ class RawImages:
 
 
 def _digits(root: str | None, download: bool) -> RawImages:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # seconds to import; only the digits source needs it
 
     bunch = load_digits()
     images = bunch.images.astype(np.uint8)[:, None]  # (1797, 1, 8, 8), values 0..16
@@ -212,7 +214,7 @@ def _cifar_source(folder_name: str, files: list[str], label_key: bytes, classes:
                              f"{folder_name}/ or its batch files; --download fetches it)")
         base = Path(root)
         if download:
-            import torchvision.datasets as tvd
+            import torchvision.datasets as tvd  # only for --download
 
             getattr(tvd, tv_name)(str(base), train=True, download=True)
         folder = base / folder_name if (base / folder_name).is_dir() else base
@@ -234,8 +236,6 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".t
 
 
 def _decode(data: bytes, where: str) -> np.ndarray:
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             arr = np.asarray(img.convert("L" if img.mode in ("1", "L", "I;16", "I") else "RGB"))
@@ -321,8 +321,6 @@ def _parquet(root: str | None, download: bool, *, image_column: str = "image",
              label_column: str = "label") -> RawImages:
     """A Parquet file: an image column (encoded bytes, a struct with `bytes`, or nested arrays)
     and an integer label column. Arrays hold raw intensities: uint8 (0..255) or floats in [0, 1]."""
-    import pyarrow.parquet as pq
-
     if root is None or not Path(root).is_file():
         raise UsageError(f"--data-root must name a Parquet file for the parquet source (got {root})")
     try:

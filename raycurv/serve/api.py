@@ -25,8 +25,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raycurv import __version__
 from raycurv.serve import payloads
-from raycurv.serve.metrics import CONTENT_TYPE, ServeMetrics
-from raycurv.serve.models import (
+from raycurv.serve.prometheus import CONTENT_TYPE, ServeMetrics
+from raycurv.serve.registry import RunRegistry
+from raycurv.serve.schemas import (
     MAX_BATCH,
     MAX_K,
     MAX_SAMPLE_ID,
@@ -40,7 +41,6 @@ from raycurv.serve.models import (
     TopResponse,
     ValidationErrorResponse,
 )
-from raycurv.serve.registry import RunRegistry
 from raycurv.serve.settings import ServeSettings
 
 MAX_BODY_BYTES = 1 << 20  # a full batch of 10,000 int64 ids is < 200 KiB of JSON

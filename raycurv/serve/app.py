@@ -11,7 +11,7 @@ from ray import serve
 from ray.serve import Application
 
 from raycurv.serve.api import build_api
-from raycurv.serve.metrics import build_metrics
+from raycurv.serve.prometheus import build_metrics
 from raycurv.serve.registry import RunRegistry
 from raycurv.serve.settings import ServeSettings, with_env_token
 

@@ -1,6 +1,6 @@
 """A small client of the lookup service, and the same answers read straight from a table file.
 
-Both return the API's JSON bodies (see raycurv.serve.models). Higher curvature = more
+Both return the API's JSON bodies (see raycurv.serve.schemas). Higher curvature = more
 memorized; rank 1 = highest curvature; "desc" lists the most memorized first.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 
 from raycurv.serve import payloads
 from raycurv.serve.index import Order, TableIndex
+from raycurv.table import TableError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TABLE_COLUMNS = ("sample_id", "label", "original_label", "corrupted", "duplicate_of",
@@ -67,8 +68,6 @@ def fetch_top(*, url: str, run: str, k: int, label: int | None = None, order: Or
 
 
 def _load(path: str | Path) -> TableIndex:
-    from raycurv.table import TableError
-
     try:
         return TableIndex.load(path)
     except TableError as exc:

@@ -19,7 +19,7 @@ from types import MappingProxyType
 from raycurv import storage
 from raycurv.runfolder import RunFolder, run_name
 from raycurv.serve.index import TableIndex, release_freed_memory
-from raycurv.serve.metrics import ServeMetrics
+from raycurv.serve.prometheus import ServeMetrics
 from raycurv.storage import FileStamp
 from raycurv.table import TableError
 

@@ -46,22 +46,26 @@ def build_settings(
     """Settings from explicit values; the token falls back to $RAYCURV_SERVE_TOKEN.
 
     Raises pydantic.ValidationError for out-of-range values."""
-    environ = os.environ if environ is None else environ
-    token = token or environ.get(TOKEN_ENV) or None
     return ServeSettings(
         runs=[os.fspath(r) for r in runs],
         reload_interval_s=reload_interval_s,
         replicas=replicas,
         replica_cpus=replica_cpus,
         max_ongoing_requests=max_ongoing_requests,
-        token=token,
+        token=token or env_token(environ),
     )
+
+
+def env_token(environ: Mapping[str, str] | None = None) -> str | None:
+    """The bearer token in $RAYCURV_SERVE_TOKEN (the service's and its clients' one place to
+    read it), or None when unset or empty."""
+    return (os.environ if environ is None else environ).get(TOKEN_ENV) or None
 
 
 def with_env_token(settings: ServeSettings, *, environ: Mapping[str, str] | None = None
                    ) -> ServeSettings:
     """``settings`` with the token taken from $RAYCURV_SERVE_TOKEN when it names none."""
-    environ = os.environ if environ is None else environ
-    if settings.token is not None or not environ.get(TOKEN_ENV):
+    token = env_token(environ)
+    if settings.token is not None or token is None:
         return settings
-    return settings.model_copy(update={"token": SecretStr(environ[TOKEN_ENV])})
+    return settings.model_copy(update={"token": SecretStr(token)})
