@@ -48,6 +48,8 @@ class DataSpec(_Spec):
     augment: bool | None = None  # None: the dataset's own default
     image_column: str = "image"
     label_column: str = "label"
+    path_column: str | None = None  # Parquet: a column naming each sample's source (else file#row)
+    image_size: str | None = None  # image folders and Parquet: resize to "H" or "HxW"
     max_classes: int = Field(default=MAX_CLASSES, ge=2)
 
 

@@ -19,7 +19,7 @@ from raycurv import storage
 from raycurv.actors import merge_states, start_pool
 from raycurv.cluster import check_resources, ensure_ray
 from raycurv.config import ScoreSpec
-from raycurv.data import Prepared, prepare_dataset
+from raycurv.data import Prepared, materialize, prepare_dataset
 from raycurv.data.sharding import actor_shards
 from raycurv.detection import evaluate_table
 from raycurv.errors import UsageError
@@ -120,8 +120,10 @@ def score_run(spec: ScoreSpec, *, address: str | None = None,
     cpus = t.workers * t.cpus_per_worker + c.actors * c.actor_cpus
     ensure_ray(address, cpus_needed=cpus)
     check_resources(cpus=cpus, gpus=t.workers * t.gpus_per_worker + c.actors * c.actor_gpus)
+    folder = RunFolder(spec.run_dir)
     if not resuming:
-        RunFolder(spec.run_dir).write_record(_spec_record(spec, data))
+        folder.write_record(_spec_record(spec, data))
+    data = materialize(data, folder.data, seed=spec.seed)  # data-plane sources: written once
     pool = start_pool(spec, data)
     try:
         result = fit(spec, data, pool, extra_config=extra_config)

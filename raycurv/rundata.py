@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from raycurv.config import ScoreSpec
-from raycurv.data import Prepared, prepare_dataset
+from raycurv.data import Prepared, attach_store, plane, prepare_dataset
 from raycurv.errors import UsageError
 from raycurv.runfolder import RUN_FILE, RunFolder
 
@@ -23,6 +23,11 @@ def load_run_data(folder: RunFolder, table: pa.Table) -> Prepared:
         raise UsageError(f"no {RUN_FILE} in {folder.location}: cannot find the run's images")
     spec = ScoreSpec.model_validate(record["spec"])
     data = prepare_dataset(spec.data, seed=spec.seed)
+    if data.images is None:  # a data-plane source: its images are the run's prepared dataset
+        store = plane.Store.open(folder.data)
+        if store is None:
+            raise UsageError(f"no prepared dataset in {folder.data}: the run did not get that far")
+        data = attach_store(data, store)
     if record.get("dataset_fingerprint") not in (None, data.fingerprint):
         raise UsageError(f"the data of {folder.location} changed since the run (fingerprint "
                          f"{data.fingerprint}, run {record['dataset_fingerprint']})")

@@ -8,6 +8,7 @@ through raycurv.storage, so a run folder works the same on a local path, file://
     <run>/shards/shard-KKKK.npz        each curvature actor's running state
     <run>/epochs/epoch-EEEE.pt         an epoch's weights until every actor scored it
     <run>/estimators/<name>/           a further estimator's scores and per-epoch table
+    <run>/data/                        the prepared dataset of an image folder or Parquet source
     <run>/reference.parquet            a Feldman-Zhang reference estimate (raycurv reference)
     <run>/report/                      raycurv report's figures and gallery
     <run>/rows.json                    a sweep trial's result rows
@@ -38,6 +39,7 @@ SHARDS_DIR = "shards"
 EPOCHS_DIR = "epochs"
 ESTIMATORS_DIR = "estimators"
 REPORT_DIR = "report"
+DATA_DIR = "data"
 
 
 def run_name(location: str) -> str:
@@ -97,6 +99,11 @@ class RunFolder:
     @property
     def report(self) -> str:
         return self.path(REPORT_DIR)
+
+    @property
+    def data(self) -> str:
+        """The prepared dataset (raycurv.data.plane.Store) of a data-plane source."""
+        return self.path(DATA_DIR)
 
     @property
     def epochs(self) -> str:

@@ -146,22 +146,66 @@ def delete(location: str) -> None:
         fs.delete_file(path)
 
 
-def list_files(location: str) -> list[str]:
-    """Locations of the files directly inside folder ``location`` (none if it does not exist)."""
+def list_files(location: str, *, recursive: bool = False) -> list[str]:
+    """Locations of the files inside folder ``location`` (none if it does not exist), sorted;
+    with ``recursive``, in its subfolders too."""
+    return [loc for loc, _ in _list(location, pafs.FileType.File, recursive=recursive)]
+
+
+def list_files_with_sizes(location: str) -> list[tuple[str, int]]:
+    """(location, size in bytes) of the files directly inside folder ``location``, sorted."""
     return _list(location, pafs.FileType.File)
 
 
 def list_dirs(location: str) -> list[str]:
     """Locations of the folders directly inside folder ``location`` (none if it does not exist)."""
-    return _list(location, pafs.FileType.Directory)
+    return [loc for loc, _ in _list(location, pafs.FileType.Directory)]
 
 
-def _list(location: str, kind: pafs.FileType) -> list[str]:
+def _list(location: str, kind: pafs.FileType, *, recursive: bool = False) -> list[tuple[str, int]]:
     fs, path = _resolve(location)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
-    infos = fs.get_file_info(pafs.FileSelector(path))
-    return sorted(join(location, info.base_name) for info in infos if info.type == kind)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+    base = path.rstrip("/") + "/"
+    return sorted((join(location, *info.path[len(base):].split("/")), int(info.size or 0))
+                  for info in infos if info.type == kind)
+
+
+def size(location: str) -> int:
+    """Size in bytes of the file at ``location``."""
+    fs, path = _resolve(location)
+    return int(fs.get_file_info(path).size or 0)
+
+
+def filesystem(location: str) -> pafs.FileSystem:
+    """The pyarrow filesystem behind ``location`` (for libraries that take one, as Ray Data)."""
+    return _resolve(location)[0]
+
+
+def parquet_schema(location: str) -> pa.Schema:
+    """The Arrow schema of a Parquet file, from its footer alone."""
+    fs, path = _resolve(location)
+    return pq.read_schema(path, filesystem=fs)
+
+
+def read_parquet_rows(location: str, column: str, rows: np.ndarray) -> list:
+    """Values of ``column`` at ``rows`` (row numbers in the file, any order, repeats allowed) of a
+    Parquet file, in that order, reading only the row groups that hold them."""
+    fs, path = _resolve(location)
+    rows = np.asarray(rows, dtype=np.int64)
+    out: list = [None] * len(rows)
+    with pq.ParquetFile(path, filesystem=fs) as file:
+        ends = np.cumsum([file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)])
+        groups = np.searchsorted(ends, rows, side="right")
+        for group in np.unique(groups):
+            start = int(ends[group - 1]) if group else 0
+            where = np.flatnonzero(groups == group)
+            values = file.read_row_group(int(group), columns=[column]).column(column)
+            for i, value in zip(where, values.take(pa.array(rows[where] - start)).to_pylist(),
+                                strict=True):
+                out[i] = value
+    return out
 
 
 def local_path(location: str) -> Path | None:

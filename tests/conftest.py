@@ -11,10 +11,12 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray cluster shared by every test that needs one; yields its address."""
+def ray_cluster(s3_server):
+    """A local Ray cluster shared by every test that needs one; yields its address. Its processes
+    reach the S3 test server like any S3 store: through the AWS variables, set before it starts."""
     import ray
 
+    os.environ.update(s3_server)
     if not ray.is_initialized():
         # 4 logical CPUs on a 2-core machine: training workers, curvature actors and Serve
         # replicas ask for fractions of these, so a test can run a few side by side.

@@ -280,8 +280,9 @@ def test_imagefolder_in_sorted_class_and_file_order(tmp_path, rng):
             arrays[(cls, name)] = arr
     data = prepare_dataset(DataSpec(dataset="imagefolder", data_root=str(tmp_path)), seed=0)
     assert data.labels.tolist() == [0, 0, 1, 1]  # ant, ant, cat, cat
-    np.testing.assert_array_equal(data.images[1].transpose(1, 2, 0), arrays[("ant", "b.png")])
-    np.testing.assert_array_equal(data.images[2].transpose(1, 2, 0), arrays[("cat", "a.png")])
+    images = data.load_images()
+    np.testing.assert_array_equal(images[1].transpose(1, 2, 0), arrays[("ant", "b.png")])
+    np.testing.assert_array_equal(images[2].transpose(1, 2, 0), arrays[("cat", "a.png")])
 
 
 def test_parquet_with_encoded_bytes_and_with_arrays(tmp_path, rng):
@@ -290,12 +291,12 @@ def test_parquet_with_encoded_bytes_and_with_arrays(tmp_path, rng):
     pq.write_table(pa.table({"img": [_png(a) for a in arrays], "y": [0, 1, 2, 1, 0]}), encoded)
     data = prepare_dataset(DataSpec(dataset="parquet", data_root=str(encoded), image_column="img",
                                     label_column="y"), seed=0)
-    np.testing.assert_array_equal(data.images[:, 0], arrays)
+    np.testing.assert_array_equal(data.load_images()[:, 0], arrays)
     assert data.num_classes == 3
     nested = tmp_path / "arr.parquet"
     pq.write_table(pa.table({"image": [a.tolist() for a in arrays], "label": [0, 1, 2, 1, 0]}), nested)
     data = prepare_dataset(DataSpec(dataset="parquet", data_root=str(nested)), seed=0)
-    np.testing.assert_array_equal(data.images[:, 0], arrays)
+    np.testing.assert_array_equal(data.load_images()[:, 0], arrays)
 
 
 def test_parquet_non_finite_pixels_and_bad_labels_are_refused(tmp_path):
@@ -303,7 +304,7 @@ def test_parquet_non_finite_pixels_and_bad_labels_are_refused(tmp_path):
     bad[1, 2, 2] = np.nan
     path = tmp_path / "nan.parquet"
     pq.write_table(pa.table({"image": [a.tolist() for a in bad], "label": [0, 1, 0]}), path)
-    with pytest.raises(UsageError, match="non-finite pixel values .*sample 1"):
+    with pytest.raises(UsageError, match="non-finite pixel values in .*nan.parquet row 1"):
         prepare_dataset(DataSpec(dataset="parquet", data_root=str(path)), seed=0)
     path = tmp_path / "neg.parquet"
     pq.write_table(pa.table({"image": [np.zeros((4, 4)).tolist()] * 3, "label": [0, -1, 1]}), path)

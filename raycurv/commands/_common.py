@@ -35,6 +35,10 @@ SPEC_FLAGS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
                                       "help": "random crop + flip in training (default: per dataset)"}),
     "--image-column": ("data", "image_column", {"help": "parquet source: image column"}),
     "--label-column": ("data", "label_column", {"help": "parquet source: label column"}),
+    "--path-column": ("data", "path_column", {"help": "parquet source: a column naming each "
+                                                      "sample's file (default: file#row)"}),
+    "--image-size": ("data", "image_size", {"help": "imagefolder/parquet: resize every image to "
+                                                    "H or HxW pixels"}),
     "--max-classes": ("data", "max_classes", {"type": int, "help": "refuse labels that make more "
                                                                    "classes (default 100000)"}),
     "--seed": (None, "seed", {"type": int}),

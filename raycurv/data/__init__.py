@@ -1,17 +1,27 @@
 """Datasets as raycurv sees them: (sample_id, image, label) in canonical order, with injected
-label noise and duplicates recorded per sample. See `prepare_dataset`."""
+label noise and duplicates recorded per sample. See `prepare_dataset`.
+
+The built-in datasets (digits, IDX, CIFAR) are small and held in memory. Image folders and
+Parquet datasets go through the data plane (raycurv.data.plane): ``prepare_dataset`` lists them
+without decoding a pixel, and ``materialize`` writes the prepared dataset to storage through Ray
+Data, from where training and the curvature actors stream it."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from raycurv.config import MAX_CLASSES, DataSpec
+from raycurv.data import plane
 from raycurv.data.noise import apply_noise, pick_duplicates
 from raycurv.data.sources import SOURCES, RawImages, load_source
 from raycurv.errors import UsageError
+
+PLANE_SOURCES = ("imagefolder", "parquet")  # streamed through the data plane, never held whole
 
 __all__ = ["SOURCES", "Normalization", "Prepared", "prepare_dataset", "validate_raw"]
 
@@ -36,23 +46,46 @@ class Prepared:
 
     name: str
     sample_ids: np.ndarray  # (N,) int64, increasing
-    images: np.ndarray  # (N, C, H, W) uint8 or float32; images / norm.scale in [0, 1]
+    images: np.ndarray | None  # (N, C, H, W) uint8 or float32; None: in ``store``
     labels: np.ndarray  # (N,) int64: the labels trained on (after noise)
     original_labels: np.ndarray  # (N,) int64: before noise (a duplicate: its source's label)
     corrupted: np.ndarray  # (N,) bool: label changed by injected noise
     duplicate_of: np.ndarray  # (N,) int64: sample_id an injected duplicate copies, else -1
     num_classes: int
-    norm: Normalization  # raw images -> network input
+    norm: Normalization | None  # raw images -> network input (None until materialized)
     augment: bool
     flip: bool
     fingerprint: str
+    # the data plane: where each image comes from, and the prepared dataset once written
+    refs: pa.Table | None = None  # N rows (raycurv.data.plane.SourceIndex.refs)
+    shape: tuple[int, int, int] | None = None  # (C, H, W) after resizing
+    image_size: tuple[int, int] | None = None
+    image_column: str = "image"
+    store: plane.Store | None = None
+    class_names: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.sample_ids)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])  # (C, H, W)
+        """(C, H, W) of every image."""
+        return tuple(self.images.shape[1:]) if self.images is not None else tuple(self.shape)
+
+    @property
+    def paths(self) -> list[str] | None:
+        """The source file (or Parquet row, or path column) of each sample, where there is one."""
+        return self.refs.column("path").to_pylist() if self.refs is not None else None
+
+    def load_images(self) -> np.ndarray:
+        """(N, C, H, W) images in memory: the in-memory array, or the whole prepared dataset
+        read back (for small-data tools: duplicate search, reports of small runs)."""
+        if self.images is not None:
+            return self.images
+        if self.store is None:  # not prepared yet: decoded here, in this process
+            return np.stack(plane.decode_refs(self.refs, image_column=self.image_column,
+                                              size=self.image_size))
+        return self.store.read_rows(0, len(self))["image"]
 
 
 def validate_raw(raw: RawImages, name: str, *, max_classes: int = MAX_CLASSES) -> None:
@@ -93,49 +126,112 @@ def _channel_stats(images: np.ndarray, scale: float) -> tuple[tuple[float, ...],
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
+@dataclass(frozen=True)
+class _Selection:
+    """Which source positions a run uses, and its labels: the seeded ``limit`` subset (``keep``),
+    then ``duplicates`` copies of kept samples (``copies``: positions into ``keep``)."""
+
+    keep: np.ndarray  # (M,) source positions, increasing
+    copies: np.ndarray  # (D,) positions into keep
+    sample_ids: np.ndarray  # (M + D,)
+    labels: np.ndarray  # (M + D,) after noise; copies carry a conflicting label
+    original: np.ndarray  # (M + D,)
+    corrupted: np.ndarray  # (M + D,)
+    duplicate_of: np.ndarray  # (M + D,) sample_id a copy copies, else -1
+
+
+def _select(labels: np.ndarray, spec: DataSpec, *, seed: int, num_classes: int) -> _Selection:
+    """Limit, noise and duplicates, decided from the labels and the seed alone."""
+    n = len(labels)
+    if spec.limit is not None and spec.limit > n:
+        raise UsageError(f"--limit {spec.limit} exceeds the {n} samples of {spec.dataset}")
+    keep = np.arange(n, dtype=np.int64)
+    if spec.limit is not None and spec.limit < n:
+        keep = np.sort(np.random.default_rng([seed, 0x6C696D]).choice(n, spec.limit, replace=False))
+    kept = labels[keep]
+    noisy = apply_noise(kept, rate=spec.noise, kind=spec.noise_kind, num_classes=num_classes,
+                        seed=seed)
+    copies = np.empty(0, dtype=np.int64)
+    conflicting = np.empty(0, dtype=np.int64)
+    if spec.duplicates:
+        if spec.duplicates > len(kept):
+            raise UsageError(f"--duplicates {spec.duplicates} exceeds the {len(kept)} samples")
+        copies, conflicting = pick_duplicates(noisy, count=spec.duplicates,
+                                              num_classes=num_classes, seed=seed)
+    new_ids = keep.max() + 1 + np.arange(len(copies), dtype=np.int64)
+    corrupted = np.concatenate([noisy != kept, np.zeros(len(copies), dtype=bool)])
+    return _Selection(
+        keep=keep, copies=copies, sample_ids=np.concatenate([keep, new_ids]),
+        labels=np.concatenate([noisy, conflicting]).astype(np.int64),
+        original=np.concatenate([kept, kept[copies]]).astype(np.int64), corrupted=corrupted,
+        duplicate_of=np.concatenate([np.full(len(keep), -1, dtype=np.int64), keep[copies]]))
+
+
 def prepare_dataset(spec: DataSpec, *, seed: int) -> Prepared:
     """Load ``spec.dataset``, keep a seeded ``limit`` subset, inject noise and duplicates.
 
     Deterministic in (spec, seed). Raises UsageError for anything the user can fix, including
-    more than ``spec.max_classes`` classes and a ``limit`` above the dataset's size.
+    more than ``spec.max_classes`` classes and a ``limit`` above the dataset's size. A data-plane
+    source (image folder, Parquet) is listed, not decoded: ``materialize`` writes its images.
     """
+    if spec.dataset in PLANE_SOURCES:
+        return _prepare_indexed(spec, seed=seed)
     raw = load_source(spec.dataset, root=spec.data_root, download=spec.download,
                       image_column=spec.image_column, label_column=spec.label_column)
     validate_raw(raw, spec.dataset, max_classes=spec.max_classes)
-    if spec.limit is not None and spec.limit > len(raw.labels):
-        raise UsageError(f"--limit {spec.limit} exceeds the {len(raw.labels)} samples of "
-                         f"{spec.dataset}")
-    sample_ids = np.arange(len(raw.labels), dtype=np.int64)
-    images, labels = raw.images, raw.labels
-    if spec.limit is not None and spec.limit < len(labels):
-        keep = np.sort(np.random.default_rng([seed, 0x6C696D]).choice(len(labels), spec.limit,
-                                                                        replace=False))
-        sample_ids, images, labels = sample_ids[keep], images[keep], labels[keep]
-    fingerprint = _fingerprint(images, labels, sample_ids)
+    chosen = _select(raw.labels, spec, seed=seed, num_classes=raw.num_classes)
+    images = raw.images[chosen.keep]
     mean, std = (raw.mean, raw.std) if raw.mean is not None else _channel_stats(images, raw.scale)
-
-    noisy = apply_noise(labels, rate=spec.noise, kind=spec.noise_kind,
-                        num_classes=raw.num_classes, seed=seed)
-    original = labels
-    duplicate_of = np.full(len(labels), -1, dtype=np.int64)
-    if spec.duplicates:
-        if spec.duplicates > len(labels):
-            raise UsageError(f"--duplicates {spec.duplicates} exceeds the {len(labels)} samples")
-        sources, conflicting = pick_duplicates(noisy, count=spec.duplicates,
-                                               num_classes=raw.num_classes, seed=seed)
-        new_ids = sample_ids.max() + 1 + np.arange(spec.duplicates, dtype=np.int64)
-        duplicate_of = np.concatenate([duplicate_of, sample_ids[sources]])
-        sample_ids = np.concatenate([sample_ids, new_ids])
-        images = np.concatenate([images, images[sources]])
-        original = np.concatenate([original, labels[sources]])
-        noisy = np.concatenate([noisy, conflicting])
-    corrupted = np.zeros(len(noisy), dtype=bool)
-    corrupted[: len(labels)] = noisy[: len(labels)] != labels
     return Prepared(
-        name=spec.dataset, sample_ids=sample_ids, images=np.ascontiguousarray(images),
-        labels=noisy.astype(np.int64), original_labels=original.astype(np.int64),
-        corrupted=corrupted, duplicate_of=duplicate_of, num_classes=raw.num_classes,
+        name=spec.dataset, sample_ids=chosen.sample_ids,
+        images=np.ascontiguousarray(np.concatenate([images, images[chosen.copies]])),
+        labels=chosen.labels, original_labels=chosen.original, corrupted=chosen.corrupted,
+        duplicate_of=chosen.duplicate_of, num_classes=raw.num_classes,
         norm=Normalization(scale=raw.scale, mean=tuple(mean), std=tuple(std)),
         augment=raw.augment if spec.augment is None else spec.augment, flip=raw.flip,
-        fingerprint=fingerprint,
+        fingerprint=_fingerprint(images, raw.labels[chosen.keep], chosen.keep),
     )
+
+
+def _prepare_indexed(spec: DataSpec, *, seed: int) -> Prepared:
+    """A data-plane source: listed and checked (sizes, labels) before anything is written."""
+    index = plane.index_source(spec.dataset, spec.data_root, image_column=spec.image_column,
+                               label_column=spec.label_column, path_column=spec.path_column)
+    raw = RawImages(np.empty((len(index.labels), 1, 1, 1), np.uint8), index.labels,
+                    index.num_classes, 255.0)
+    validate_raw(raw, spec.dataset, max_classes=spec.max_classes)
+    chosen = _select(index.labels, spec, seed=seed, num_classes=index.num_classes)
+    rows = np.concatenate([chosen.keep, chosen.keep[chosen.copies]])
+    refs = index.refs.take(pa.array(rows))
+    size = plane.parse_image_size(spec.image_size)
+    plane.check_images(refs, image_column=spec.image_column, size=size)
+    shape = plane.probe_shape(refs, image_column=spec.image_column, size=size)
+    digest = hashlib.sha256(f"{index.fingerprint}/{spec.image_size}".encode())
+    digest.update(chosen.keep.tobytes())
+    return Prepared(
+        name=spec.dataset, sample_ids=chosen.sample_ids, images=None, labels=chosen.labels,
+        original_labels=chosen.original, corrupted=chosen.corrupted,
+        duplicate_of=chosen.duplicate_of, num_classes=index.num_classes, norm=None,
+        augment=True if spec.augment is None else spec.augment, flip=True,
+        fingerprint=digest.hexdigest()[:16], refs=refs, shape=shape, image_size=size,
+        image_column=spec.image_column, class_names=index.class_names)
+
+
+def materialize(data: Prepared, location: str, *, seed: int) -> Prepared:
+    """``data`` with its prepared dataset at ``location``: written there through Ray Data unless
+    a complete one is there already (a resumed run). In-memory datasets are returned as they are."""
+    if data.images is not None or data.store is not None:
+        return data
+    store = plane.Store.open(location) or plane.write_store(
+        location, sample_ids=data.sample_ids, labels=data.labels, refs=data.refs,
+        image_column=data.image_column, size=data.image_size, seed=seed)
+    return attach_store(data, store)
+
+
+def attach_store(data: Prepared, store: plane.Store) -> Prepared:
+    """``data`` reading its images from ``store`` (normalized by the store's statistics)."""
+    if len(store) != len(data):
+        raise UsageError(f"the prepared dataset at {store.location} holds {len(store)} samples, "
+                         f"the run {len(data)}")
+    return dataclasses.replace(data, store=store,
+                               norm=Normalization(scale=255.0, mean=store.mean, std=store.std))

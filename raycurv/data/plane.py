@@ -1,0 +1,360 @@
+"""The data plane for large datasets: image folders and Parquet datasets, local or on object storage,
+streamed through Ray Data into a prepared dataset that no process holds whole.
+
+1. ``index_source`` lists the samples (never decoding an image): an image folder's files in sorted
+   order, or a Parquet dataset's rows in file order (a file, a folder, a glob, a URI; several files).
+   Each sample gets its ``sample_id`` from that order, its label, and a ``path`` that joins results
+   back to the user's files. Label noise and duplicates are then decided on these columns alone.
+2. ``write_store`` decodes and resizes the images in parallel (Ray Data maps over chunks of rows)
+   into a prepared dataset: Parquet parts of bounded size, in sample order, plus a manifest
+   (shape, row counts, per-part hashes, normalization statistics from a seeded sample).
+3. Training reads it through Ray Train's dataset integration (``Store.dataset``); each curvature
+   actor reads only its own rows (``Store.read_rows``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from raycurv import storage
+from raycurv.data.sources import _cell_image, _decode, _parquet_labels
+from raycurv.errors import UsageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+ROWS_PER_PART = 4096  # ~12 MB of 32x32x3 images; ImageNet at 224x224: ~600 MB a part
+STATS_SAMPLE = 10_000  # images the normalization statistics are measured on
+CHECKED_ROWS = 64  # rows of each Parquet file decoded before anything is written
+MANIFEST = "manifest.json"
+STORE_SCHEMA = pa.schema([
+    pa.field("sample_id", pa.int64(), nullable=False),
+    pa.field("label", pa.int64(), nullable=False),
+    pa.field("path", pa.string()),
+    pa.field("image", pa.binary(), nullable=False),  # C*H*W uint8, C-order (shape in the manifest)
+])
+
+
+# --- 1. the index: which samples, where, with which label ------------------------------------
+
+@dataclass(frozen=True)
+class SourceIndex:
+    """The samples of a source in canonical order, without their pixels. ``refs`` says where each
+    image is: ``path`` for an image file, or ``file`` and ``row`` of a Parquet row."""
+
+    labels: np.ndarray  # (N,) int64
+    refs: pa.Table  # N rows: path (str), file (str, Parquet only), row (int64, Parquet only)
+    num_classes: int
+    class_names: tuple[str, ...] | None
+    fingerprint: str  # of the listing: names, sizes and labels (changes when the data does)
+
+
+def index_source(name: str, root: str | None, *, image_column: str, label_column: str,
+                 path_column: str | None) -> SourceIndex:
+    """List ``root`` for source ``name`` ("imagefolder" or "parquet"). Raises UsageError."""
+    if root is None:
+        raise UsageError(f"--data-root is required for {name}")
+    try:
+        if name == "imagefolder":
+            return _index_imagefolder(root)
+        return _index_parquet(root, image_column, label_column, path_column)
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"cannot read {root}: {str(exc).splitlines()[0]}") from None
+
+
+def _index_imagefolder(root: str) -> SourceIndex:
+    """root/<class>/<image>: classes and files in sorted order; class = folder position."""
+    classes = [d.rstrip("/").rsplit("/", 1)[-1] for d in storage.list_dirs(root)]
+    paths, labels, sizes = [], [], []
+    for label, cls in enumerate(classes):
+        for path, size in storage.list_files_with_sizes(storage.join(root, cls)):
+            if path.lower().endswith(IMAGE_SUFFIXES):
+                paths.append(path)
+                labels.append(label)
+                sizes.append(size)
+    if not paths:
+        raise UsageError(f"no image files under {root}/<class>/ (expected {root}/<class>/<image files>)")
+    labels = np.asarray(labels, dtype=np.int64)
+    digest = _digest(["/".join(p.rsplit("/", 2)[-2:]) for p in paths], sizes, labels)
+    refs = pa.table({"path": pa.array(paths, pa.string())})
+    return SourceIndex(labels, refs, len(classes), tuple(classes), digest)
+
+
+def parquet_files(root: str) -> list[str]:
+    """The Parquet files of a file, a folder (recursively) or a glob, local or a URI, sorted."""
+    if any(ch in root for ch in "*?["):
+        folder, _, pattern = root.rpartition("/")
+        found = [f for f in storage.list_files(folder or ".") if fnmatch.fnmatch(f, root)]
+    elif storage.is_dir(root):
+        found = [f for f in storage.list_files(root, recursive=True) if f.endswith(".parquet")]
+    else:
+        found = [root] if storage.is_file(root) else []
+    if not found:
+        raise UsageError(f"no Parquet files at {root} (give a file, a folder or a glob)")
+    return sorted(found)
+
+
+def _index_parquet(root: str, image_column: str, label_column: str,
+                   path_column: str | None) -> SourceIndex:
+    """The rows of every file, in file order; only the label (and path) columns are read."""
+    files, labels, paths, rows, names = [], [], [], [], None
+    wanted = [label_column, *([path_column] if path_column else [])]
+    for file in parquet_files(root):
+        schema = storage.parquet_schema(file)
+        missing = [c for c in (image_column, *wanted) if c not in schema.names]
+        if missing:
+            raise UsageError(f"{file} has no column {missing[0]!r}; it has {', '.join(schema.names)}")
+        names = names or schema.names
+        table = storage.read_parquet(file, columns=wanted)
+        labels.append(_parquet_labels(table.column(label_column), label_column, file))
+        paths += (table.column(path_column).to_pylist() if path_column
+                  else [f"{file}#{i}" for i in range(table.num_rows)])
+        files += [file] * table.num_rows
+        rows.append(np.arange(table.num_rows, dtype=np.int64))
+    labels = np.concatenate(labels)
+    if len(labels) == 0:
+        raise UsageError(f"no images in the Parquet files at {root}")
+    refs = pa.table({"path": pa.array([str(p) for p in paths], pa.string()),
+                     "file": pa.array(files, pa.string()), "row": pa.array(np.concatenate(rows))})
+    sizes = [storage.size(f) for f in sorted(set(files))]
+    digest = _digest(sorted(set(files)), sizes, labels)
+    return SourceIndex(labels, refs, int(labels.max()) + 1, None, digest)
+
+
+def _digest(names: list[str], sizes: list[int], labels: np.ndarray) -> str:
+    """A listing's fingerprint: file names (relative where they can be), sizes and labels."""
+    h = hashlib.sha256(json.dumps([names, sizes]).encode())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    return h.hexdigest()[:16]
+
+
+# --- 2. decoding and writing the prepared dataset --------------------------------------------
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """'32' -> (32, 32); '24x32' -> (24, 32) as (height, width); None stays None."""
+    if text is None:
+        return None
+    parts = str(text).lower().split("x")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) not in (1, 2) or min(size) < 1:
+        raise UsageError(f"--image-size must look like 32 or 24x32 (height x width), got {text!r}")
+    return (size[0], size[-1])
+
+
+def _to_chw(image: np.ndarray, size: tuple[int, int] | None, where: str) -> np.ndarray:
+    """(H, W) or (H, W, C) -> uint8 (C, H, W), resized to ``size`` (bilinear) when given. Float
+    pixels are intensities in [0, 1], integer ones in 0..255."""
+    if image.dtype.kind == "f":
+        if not np.isfinite(image).all():
+            raise UsageError(f"non-finite pixel values in {where}")
+        image = np.rint(np.clip(image, 0.0, 1.0) * 255.0)
+    if image.dtype != np.uint8:
+        image = np.clip(image, 0, 255).astype(np.uint8)
+    if size is not None and image.shape[:2] != size:
+        mode = "L" if image.ndim == 2 else "RGB"
+        image = np.asarray(Image.fromarray(image if image.ndim == 2 or image.shape[-1] == 3
+                                           else image[..., :3], mode)
+                           .resize((size[1], size[0]), Image.BILINEAR))
+    if image.ndim == 2:
+        image = image[None]
+    elif image.ndim == 3 and image.shape[-1] in (1, 3, 4):
+        image = image[..., :3].transpose(2, 0, 1) if image.shape[-1] != 1 else image.transpose(2, 0, 1)
+    else:
+        raise UsageError(f"{where}: image has shape {image.shape}, expected (H, W[, C])")
+    return np.ascontiguousarray(image)
+
+
+def decode_refs(refs: pa.Table, *, image_column: str, size: tuple[int, int] | None) -> list[np.ndarray]:
+    """The images of ``refs`` rows as uint8 (C, H, W) arrays, in order."""
+    if "file" not in refs.column_names:
+        return [_to_chw(_decode(storage.read_bytes(p) or b"", p), size, p)
+                for p in refs.column("path").to_pylist()]
+    out: list[np.ndarray | None] = [None] * refs.num_rows
+    files, rows = np.asarray(refs.column("file").to_pylist()), refs.column("row").to_numpy()
+    for file in dict.fromkeys(files.tolist()):
+        mine = np.flatnonzero(files == file)
+        cells = storage.read_parquet_rows(file, image_column, rows[mine])
+        for i, cell in zip(mine, cells, strict=True):
+            where = f"{file} row {rows[i]}"
+            out[i] = _to_chw(_cell_image(cell, where), size, where)
+    return out
+
+
+@dataclass(frozen=True)
+class Store:
+    """A prepared dataset: Parquet parts in sample order under ``location``, and its manifest."""
+
+    location: str
+    parts: tuple[str, ...]  # part file names, in order
+    rows: tuple[int, ...]  # rows per part
+    shape: tuple[int, int, int]  # (C, H, W) of every image
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    fingerprint: str  # of the content: the parts' hashes, in order
+
+    def __len__(self) -> int:
+        return sum(self.rows)
+
+    @classmethod
+    def open(cls, location: str) -> Store | None:
+        """The store at ``location``, or None when none was written there (completely)."""
+        raw = storage.read_bytes(storage.join(location, MANIFEST))
+        if raw is None:
+            return None
+        m = json.loads(raw)
+        return cls(location, tuple(m["parts"]), tuple(m["rows"]), tuple(m["shape"]),
+                   tuple(m["mean"]), tuple(m["std"]), m["fingerprint"])
+
+    def part_locations(self) -> list[str]:
+        return [storage.join(self.location, p) for p in self.parts]
+
+    def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows [start, stop) (positions in sample order): sample_id, label, image (B, C, H, W)
+        uint8. Reads only the parts that hold them."""
+        out = {"sample_id": [], "label": [], "image": []}
+        first = 0
+        for location, count in zip(self.part_locations(), self.rows, strict=True):
+            a, b = max(start, first), min(stop, first + count)
+            if a < b:
+                table = storage.read_parquet(location).slice(a - first, b - a)
+                out["sample_id"].append(table.column("sample_id").to_numpy())
+                out["label"].append(table.column("label").to_numpy())
+                out["image"].append(images_of(table.column("image"), self.shape))
+            first += count
+        return {k: np.concatenate(v) if v else np.empty(0) for k, v in out.items()}
+
+    def dataset(self):
+        """The prepared dataset as a Ray Dataset (sample_id, label, image), in sample order."""
+        import ray.data
+
+        return ray.data.read_parquet(self.part_locations(), columns=["sample_id", "label", "image"],
+                                     filesystem=storage.filesystem(self.location))
+
+
+def images_of(column, shape: tuple[int, int, int]) -> np.ndarray:
+    """A column of raw image bytes (Arrow, numpy object array or list) -> uint8 (B, C, H, W)."""
+    values = column.to_pylist() if hasattr(column, "to_pylist") else list(column)
+    flat = np.frombuffer(b"".join(values), dtype=np.uint8)
+    return flat.reshape(len(values), *shape)
+
+
+def _write_part(batch: dict) -> dict:
+    """Ray Data map: decode one chunk of rows and write it as one part; returns its hash."""
+    spec = json.loads(batch["spec"])
+    refs = pa.Table.from_pylist(spec["refs"])
+    images = decode_refs(refs, image_column=spec["image_column"],
+                         size=tuple(spec["size"]) if spec["size"] else None)
+    if any(im.shape != tuple(spec["shape"]) for im in images):
+        bad = next(i for i, im in enumerate(images) if im.shape != tuple(spec["shape"]))
+        raise UsageError(f"{refs.column('path')[bad].as_py()} has shape {images[bad].shape}, the "
+                         f"first image {tuple(spec['shape'])}: pass --image-size to resize them")
+    table = pa.table({"sample_id": pa.array(spec["sample_id"], pa.int64()),
+                      "label": pa.array(spec["label"], pa.int64()),
+                      "path": refs.column("path"),
+                      "image": pa.array([im.tobytes() for im in images], pa.binary())},
+                     schema=STORE_SCHEMA)
+    storage.write_parquet(storage.join(spec["location"], spec["part"]), table)
+    digest = hashlib.sha256(np.concatenate([np.asarray(spec["sample_id"], np.int64).view(np.uint8),
+                                            np.frombuffer(b"".join(im.tobytes() for im in images),
+                                                          np.uint8)])).hexdigest()
+    return {"part": spec["part"], "rows": len(images), "sha": digest}
+
+
+def write_store(location: str, *, sample_ids: np.ndarray, labels: np.ndarray, refs: pa.Table,
+                image_column: str, size: tuple[int, int] | None, seed: int) -> Store:
+    """Decode, resize and write every sample (in the order given) as a prepared dataset at
+    ``location``, in parallel through Ray Data; the manifest is written last, so a store is either
+    complete or absent. Returns it."""
+    import ray.data
+
+    shape = list(probe_shape(refs, image_column=image_column, size=size))
+    parts = math.ceil(len(sample_ids) / ROWS_PER_PART)
+    chunks = [{"spec": json.dumps({
+        "location": location, "part": f"part-{k:05d}.parquet", "image_column": image_column,
+        "size": size, "shape": shape,
+        "sample_id": sample_ids[k * ROWS_PER_PART:(k + 1) * ROWS_PER_PART].tolist(),
+        "label": labels[k * ROWS_PER_PART:(k + 1) * ROWS_PER_PART].tolist(),
+        "refs": refs.slice(k * ROWS_PER_PART, ROWS_PER_PART).to_pylist()})} for k in range(parts)]
+    try:
+        written = ray.data.from_items(chunks).map(_write_part).take_all()
+    except Exception as exc:  # a task's UsageError arrives wrapped in Ray's errors
+        raise UsageError(_usage_line(exc) or f"preparing the dataset failed: "
+                         f"{str(exc).splitlines()[0]}") from None
+    written.sort(key=lambda r: r["part"])
+    store = Store(location, tuple(r["part"] for r in written), tuple(r["rows"] for r in written),
+                  tuple(shape), (), (), hashlib.sha256("".join(r["sha"] for r in written).encode()).hexdigest()[:16])
+    mean, std = _sample_stats(store, seed)
+    store = Store(store.location, store.parts, store.rows, tuple(shape), mean, std, store.fingerprint)
+    storage.write_bytes(storage.join(location, MANIFEST), json.dumps({
+        "parts": store.parts, "rows": store.rows, "shape": shape, "mean": mean, "std": std,
+        "fingerprint": store.fingerprint}).encode())
+    return store
+
+
+def _usage_line(exc: BaseException) -> str | None:
+    """The message of a UsageError raised inside a Ray task, from Ray's wrapped error."""
+    for line in str(exc).splitlines():
+        if "UsageError: " in line:
+            return line.split("UsageError: ", 1)[1].strip()
+    return None
+
+
+def probe_shape(refs: pa.Table, *, image_column: str,
+                size: tuple[int, int] | None) -> tuple[int, int, int]:
+    """(C, H, W) of the first image after resizing: every other image must match it."""
+    return tuple(decode_refs(refs.slice(0, 1), image_column=image_column, size=size)[0].shape)
+
+
+def _sample_stats(store: Store, seed: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of images / 255 over a seeded sample of up to STATS_SAMPLE rows
+    (one contiguous run per part, so only a few parts' pages are read)."""
+    rng = np.random.default_rng([seed, 0x7374617473])  # "stats"
+    n = len(store)
+    take = min(n, STATS_SAMPLE)
+    starts = np.sort(rng.choice(max(n - 255, 1), size=max(1, take // 256), replace=False))
+    images = np.concatenate([store.read_rows(int(a), int(a) + 256)["image"] for a in starts])
+    x = images.astype(np.float64) / 255.0
+    return (tuple(float(v) for v in x.mean(axis=(0, 2, 3))),
+            tuple(float(max(v, 1e-6)) for v in x.std(axis=(0, 2, 3))))
+
+
+def check_images(refs: pa.Table, *, image_column: str, size: tuple[int, int] | None) -> None:
+    """Before anything is written, refuse with one line what would fail later: image files of
+    mixed sizes without --image-size (read from the headers only), and in a Parquet dataset the
+    first CHECKED_ROWS rows of every file (decoded: nulls, strings, ragged or mixed-size cells).
+    A bad row further in is still one line, from the write (after Ray has started)."""
+    if "file" in refs.column_names:
+        files = np.asarray(refs.column("file").to_pylist())
+        first = np.concatenate([np.flatnonzero(files == f)[:CHECKED_ROWS] for f in dict.fromkeys(files)])
+        images = decode_refs(refs.take(pa.array(first)), image_column=image_column, size=size)
+        _same_shape(images, refs.column("path").take(pa.array(first)).to_pylist())
+        return
+    if size is not None:
+        return
+    first = None
+    for path in refs.column("path").to_pylist():
+        with Image.open(io.BytesIO(storage.read_bytes(path) or b"")) as img:
+            found = img.size
+        first = first or (found, path)
+        if found != first[0]:
+            raise UsageError(f"images differ in size: {first[1]} is {first[0][0]}x{first[0][1]}, "
+                             f"{path} is {found[0]}x{found[1]} (width x height); pass "
+                             "--image-size H[xW] to resize them")
+
+
+def _same_shape(images: list[np.ndarray], paths: list[str]) -> None:
+    """Refuse images of more than one shape, naming the first that differs from the first."""
+    for image, path in zip(images, paths, strict=True):
+        if image.shape != images[0].shape:
+            raise UsageError(f"images differ in shape ({images[0].shape[1:]}, {image.shape[1:]}): "
+                             f"{paths[0]} and {path}; pass --image-size H[xW] to resize them")
