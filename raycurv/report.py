@@ -32,19 +32,15 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from raycurv import storage
 from raycurv.agreement import join_reference
+from raycurv.class_names import class_names
 from raycurv.duplicates import NEAR_THRESHOLD, find_duplicates
 from raycurv.errors import UsageError
 from raycurv.evaluate import SCORES, collect_metrics, format_run, load_run_table, table_columns
+from raycurv.pixels import to_image
 from raycurv.reference import read_reference
 from raycurv.rundata import load_run_data
 from raycurv.table import read_metadata
 
-CLASS_NAMES = {
-    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                      "Sneaker", "Bag", "Ankle boot"),
-    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                "truck"),
-}
 COLORS = {"clean": "#4c72b0", "corrupted": "#dd5151", "duplicate": "#e39b22"}
 
 
@@ -188,8 +184,7 @@ def reference_figure(cols: dict[str, np.ndarray], joined: dict[str, np.ndarray],
 
 def _thumbnail(image: np.ndarray, scale: float, path: Path, side: int = 64) -> str:
     """Write one (C, H, W) image as a PNG, upscaled (nearest) to about ``side`` pixels."""
-    pixels = np.clip(np.asarray(image, dtype=np.float64) / scale * 255, 0, 255).astype(np.uint8)
-    img = Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels[:3].transpose(1, 2, 0))
+    img = to_image(image, scale)
     factor = max(1, side // max(img.size))
     img.resize((img.width * factor, img.height * factor), Image.NEAREST).save(path)
     return f"images/{path.name}"
@@ -340,7 +335,7 @@ def make_report(run: str, out: str | None = None, *, top: int = 100, reference: 
     cols = table_columns(table) | {k: table.column(k).to_numpy() for k in ("final_pred", "percentile")}
     by_epoch = folder.read_by_epoch() if epochs is None else None
     meta = read_metadata(table)
-    names = CLASS_NAMES.get(meta.get("dataset", ""))
+    names = class_names(meta)
     joined = join_reference(table, ref) if ref is not None else None
 
     def fill(target: Path) -> None:
