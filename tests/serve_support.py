@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from raycurv.config import DataSpec, ScoreSpec
+from raycurv.data import prepare_dataset
 from raycurv.runfolder import RunFolder
 from raycurv.table import build_table
 
@@ -49,6 +51,39 @@ def write_run(root: Path, name: str, table: pa.Table) -> Path:
     folder = RunFolder(str(root / name))
     folder.write_scores(table)
     return Path(folder.scores)
+
+
+def write_image_run(root: Path, name: str, *, limit: int = 60, noise: float = 0.2,
+                    duplicates: int = 4, epochs: int = 4, seed: int = 3) -> tuple[Path, pa.Table]:
+    """A run folder whose images the service can rebuild: the record of a digits run (``limit``
+    samples, injected noise and duplicates), a score table with those samples and labels and
+    random scores (corrupted labels score higher), and a per-epoch table whose mean over the
+    ``epochs`` is each sample's curvature. Returns the folder and the table."""
+    spec = ScoreSpec(seed=seed, run_dir=str(root / name),
+                     data=DataSpec(dataset="digits", limit=limit, noise=noise,
+                                   duplicates=duplicates))
+    data = prepare_dataset(spec.data, seed=spec.seed)
+    rng = np.random.default_rng(seed)
+    n = len(data)
+    curvature = (rng.random(n) + data.corrupted + (data.duplicate_of >= 0)).astype(np.float32)
+    table = build_table({
+        "sample_id": data.sample_ids, "label": data.labels, "original_label": data.original_labels,
+        "corrupted": data.corrupted, "duplicate_of": data.duplicate_of, "curvature": curvature,
+        "epochs_scored": np.full(n, epochs, dtype=np.int32),
+        "csl": (rng.random(n) * 3).astype(np.float32),
+        "final_loss": rng.random(n).astype(np.float32),
+        "final_confidence": rng.random(n).astype(np.float32), "final_pred": data.labels,
+    }, {"run": name, "dataset": "digits", "n": n, "seed": seed})
+    factors = np.linspace(0.5, 1.5, epochs)  # mean 1: the per-epoch values average to the score
+    folder = RunFolder(spec.run_dir)
+    folder.write_record({"spec": spec.model_dump(mode="json"),
+                         "dataset_fingerprint": data.fingerprint, "samples": n})
+    folder.write_scores(table)
+    folder.write_by_epoch(pa.table({
+        "sample_id": np.repeat(data.sample_ids, epochs),
+        "epoch": np.tile(np.arange(epochs, dtype=np.int32), n),
+        "curvature": (np.repeat(curvature, epochs) * np.tile(factors, n)).astype(np.float32)}))
+    return Path(spec.run_dir), table
 
 
 def free_port() -> int:

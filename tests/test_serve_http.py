@@ -73,6 +73,12 @@ def test_healthz_needs_no_token(service):
     ("POST", "/v1/runs/alpha/samples:lookup"),
     ("GET", "/v1/runs/alpha/top"),
     ("GET", "/v1/runs/alpha/summary"),
+    ("GET", "/v1/runs/alpha/samples/0/image"),
+    ("GET", "/v1/runs/alpha/samples/0/epochs"),
+    ("GET", "/v1/runs/alpha/samples/0/duplicates"),
+    ("GET", "/v1/runs/alpha/epochs"),
+    ("GET", "/v1/runs/alpha/histogram"),
+    ("GET", "/v1/runs/alpha/classes"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
     ("GET", "/docs"),
@@ -273,7 +279,9 @@ def test_openapi_document(service):
     assert set(doc["paths"]) == {
         "/healthz", "/v1/runs", "/v1/runs/{run}/samples/{sample_id}",
         "/v1/runs/{run}/samples:lookup", "/v1/runs/{run}/top", "/v1/runs/{run}/summary",
-        "/metrics",
+        "/metrics", "/v1/runs/{run}/samples/{sample_id}/image",
+        "/v1/runs/{run}/samples/{sample_id}/epochs", "/v1/runs/{run}/samples/{sample_id}/duplicates",
+        "/v1/runs/{run}/epochs", "/v1/runs/{run}/histogram", "/v1/runs/{run}/classes",
     }
     body = doc["components"]["schemas"]["LookupRequest"]["properties"]["sample_ids"]
     assert body["maxItems"] == MAX_BATCH

@@ -13,7 +13,7 @@ import yaml
 from raycurv.cli import main
 from raycurv.serve import payloads
 from raycurv.serve.index import TableIndex
-from raycurv.serve.prometheus import build_metrics
+from raycurv.serve.prometheus import RELOAD_FAILURES, build_metrics
 from raycurv.serve.registry import RunRegistry
 from raycurv.serve.settings import ServeSettings
 from raycurv.table import rank_and_percentile
@@ -108,7 +108,7 @@ def test_registry_refuses_once_and_counts(tmp_path):
     assert registry.refresh() == []  # the same refused file is not retried
     state = registry.get("a")
     assert state.index.rows == 10 and state.failures == 1
-    assert metrics.reload_failures.labels("a")._value.get() == 1
+    assert metrics.value(RELOAD_FAILURES, "a") == 1
 
 
 def test_deploy_yaml_args_are_typed_settings():

@@ -1,7 +1,9 @@
 """The FastAPI application of the lookup API (contract v1), independent of Ray Serve.
 
 Routes answer from the registry's current snapshot; a background task re-checks the run folders
-every ``reload_interval_s``. Client mistakes get a one-line ``detail`` and a 4xx: 401 without the
+every ``reload_interval_s``, another hands the metrics to Ray every second. The routes that show a
+sample beyond its row (image, per-epoch curve, duplicates) are in raycurv.serve.extra_routes, the
+browser UI's files in raycurv.serve.ui. Client mistakes get a one-line ``detail`` and a 4xx: 401 without the
 bearer token, 404 for an unknown run or sample (naming what exists), 413 for an oversized body,
 422 for malformed input (naming the limit when a batch is too large). Never a 500 for input.
 
@@ -17,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Path, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -25,12 +27,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raycurv import __version__
 from raycurv.serve import payloads
+from raycurv.serve.extra_routes import build_extra_routes
+from raycurv.serve.extras import Extras, Unavailable
 from raycurv.serve.prometheus import CONTENT_TYPE, ServeMetrics
 from raycurv.serve.registry import RunRegistry
+from raycurv.serve.routing import INVALID, NOT_FOUND, SampleIdPath, json_response
 from raycurv.serve.schemas import (
     MAX_BATCH,
     MAX_K,
-    MAX_SAMPLE_ID,
     ErrorResponse,
     HealthResponse,
     LookupRequest,
@@ -39,12 +43,14 @@ from raycurv.serve.schemas import (
     SampleResponse,
     SummaryResponse,
     TopResponse,
-    ValidationErrorResponse,
 )
 from raycurv.serve.settings import ServeSettings
+from raycurv.serve.ui import PUBLIC_PATHS, build_ui_routes
 
 MAX_BODY_BYTES = 1 << 20  # a full batch of 10,000 int64 ids is < 200 KiB of JSON
 INT32_MAX = 2**31 - 1
+MAX_OFFSET = 2**53 - 1
+METRICS_FLUSH_S = 1.0
 
 ROUTE_SAMPLE = "/v1/runs/{run}/samples/{sample_id}"
 ROUTE_LOOKUP = "/v1/runs/{run}/samples:lookup"
@@ -54,12 +60,6 @@ DESCRIPTION = """Per-sample memorization scores of raycurv runs.
 
 Higher `curvature` = more memorized; `rank` 1 = the highest curvature; `percentile` = share of
 samples with strictly lower curvature. Tables are reloaded when their file is replaced."""
-
-
-def _json(body: bytes, *, status_code: int = 200) -> Response:
-    """A JSON body the payload builders made from a validated table (no re-validation; the
-    shapes are the documented response models, which the tests check)."""
-    return Response(body, status_code=status_code, media_type="application/json")
 
 
 def _error(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -102,7 +102,8 @@ def limit_body(receive: Callable[[], Awaitable[dict]], limit: int) -> Callable[[
 
 
 class ObserveMiddleware:
-    """In front of every route: checks the bearer token (all routes but /healthz), refuses
+    """In front of every route: checks the bearer token (all routes but /healthz and the UI's
+    files, which hold no scores), refuses
     oversized bodies (413: at once when Content-Length says so, else as soon as the bytes read
     pass the limit), counts requests by route template and status, times them, and adds
     a Server-Timing header (time inside the app until the response starts). Requests refused
@@ -113,7 +114,6 @@ class ObserveMiddleware:
         self.app = app
         self.metrics = metrics
         self.expected = token.encode() if token else None
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def _refusal(self, scope: dict) -> Response | None:
         """A 401 or 413 answer for a request that must not reach the routes, else None."""
@@ -123,7 +123,7 @@ class ObserveMiddleware:
             root = scope.get("root_path", "")
             if root and path.startswith(root):
                 path = path[len(root):]
-            if path != "/healthz":
+            if path != "/healthz" and path not in PUBLIC_PATHS:
                 given = headers.get(b"authorization", b"")
                 scheme, _, credentials = given.partition(b" ")
                 if not given:
@@ -136,16 +136,6 @@ class ObserveMiddleware:
             return _error(413, f"request body of {int(length)} bytes exceeds the limit of "
                                f"{MAX_BODY_BYTES} bytes")
         return None
-
-    def _observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        key = (route, method, status)
-        children = self._children.get(key)
-        if children is None:
-            children = (self.metrics.requests.labels(route, method, str(status)),
-                        self.metrics.latency.labels(route))
-            self._children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -172,7 +162,8 @@ class ObserveMiddleware:
                 await self.app(scope, limit_body(receive, MAX_BODY_BYTES), send_timed)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self._observe(route, scope.get("method", ""), status, time.perf_counter() - started)
+            self.metrics.request(route, scope.get("method", ""), status,
+                                 time.perf_counter() - started)
 
 
 def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
@@ -213,6 +204,16 @@ def _document_bearer_auth(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+async def _flush_loop(metrics: ServeMetrics, log: logging.Logger) -> None:
+    """Hand the recorded metrics to Ray every METRICS_FLUSH_S seconds."""
+    while True:
+        await asyncio.sleep(METRICS_FLUSH_S)
+        try:
+            metrics.flush()
+        except Exception:  # noqa: BLE001 - metrics must never stop the service
+            log.exception("metrics flush failed")
+
+
 async def _reload_loop(registry: RunRegistry, interval_s: float, log: logging.Logger) -> None:
     """Re-check the run folders every ``interval_s`` seconds, loading off the event loop."""
     while True:
@@ -231,15 +232,18 @@ def build_api(*, registry: RunRegistry, settings: ServeSettings, metrics: ServeM
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = (asyncio.create_task(_reload_loop(registry, settings.reload_interval_s, log))
-                if reload else None)
+        tasks = [asyncio.create_task(_flush_loop(metrics, log))]
+        if reload:
+            tasks.append(asyncio.create_task(
+                _reload_loop(registry, settings.reload_interval_s, log)))
         try:
             yield
         finally:
-            if task is not None:
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            metrics.flush()
 
     app = FastAPI(title="raycurv lookup", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
@@ -260,7 +264,8 @@ def build_api(*, registry: RunRegistry, settings: ServeSettings, metrics: ServeM
         return _error(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(payloads.NotFound)
-    async def on_not_found(_: Request, exc: payloads.NotFound) -> JSONResponse:
+    @app.exception_handler(Unavailable)
+    async def on_not_found(_: Request, exc: LookupError) -> JSONResponse:
         return _error(404, str(exc))
 
     @app.exception_handler(Exception)
@@ -270,8 +275,7 @@ def build_api(*, registry: RunRegistry, settings: ServeSettings, metrics: ServeM
 
     unauthorized = {401: {"model": ErrorResponse, "description": "missing or wrong bearer token"}}
     api = APIRouter(responses=unauthorized if token else {})
-    not_found = {404: {"model": ErrorResponse, "description": "unknown run or sample"}}
-    invalid = {422: {"model": ValidationErrorResponse, "description": "malformed request"}}
+    not_found, invalid = NOT_FOUND, INVALID
 
     @app.get("/healthz", response_model=HealthResponse, tags=["service"],
              responses={503: {"model": HealthResponse, "description": "no table loaded yet"}})
@@ -284,19 +288,16 @@ def build_api(*, registry: RunRegistry, settings: ServeSettings, metrics: ServeM
     @api.get("/v1/runs", response_model=RunsResponse, tags=["runs"])
     async def list_runs() -> Response:
         """Runs served, with their table's metadata and reload state."""
-        return _json(payloads.runs_payload(registry))
+        return json_response(payloads.runs_payload(registry))
 
     @api.get(ROUTE_SAMPLE, response_model=SampleResponse, tags=["runs"],
              responses={**not_found, **invalid})
-    async def get_sample(
-        run: str,
-        sample_id: Annotated[int, Path(ge=0, le=MAX_SAMPLE_ID, description="sample_id to look up")],
-    ) -> Response:
+    async def get_sample(run: str, sample_id: SampleIdPath) -> Response:
         """One sample's row: its curvature (higher = more memorized), rank (1 = highest), ..."""
         index = payloads.resolve(registry, run)
         body = payloads.sample_payload(index, sample_id)
-        metrics.rows_returned.labels(ROUTE_SAMPLE).inc()
-        return _json(body)
+        metrics.rows(ROUTE_SAMPLE, 1)
+        return json_response(body)
 
     @api.post(ROUTE_LOOKUP, response_model=LookupResponse, tags=["runs"],
               responses={**not_found, **invalid,
@@ -306,8 +307,8 @@ def build_api(*, registry: RunRegistry, settings: ServeSettings, metrics: ServeM
         ``missing``."""
         index = payloads.resolve(registry, run)
         body, rows = payloads.lookup_payload(index, request.sample_ids)
-        metrics.rows_returned.labels(ROUTE_LOOKUP).inc(rows)
-        return _json(body)
+        metrics.rows(ROUTE_LOOKUP, rows)
+        return json_response(body)
 
     @api.get(ROUTE_TOP, response_model=TopResponse, tags=["runs"],
              responses={**not_found, **invalid})
@@ -318,12 +319,20 @@ def build_api(*, registry: RunRegistry, settings: ServeSettings, metrics: ServeM
                                            description="only samples trained with this label")] = None,
         order: Annotated[Literal["desc", "asc"], Query(
             description="desc: most memorized (rank 1) first; asc: least memorized first")] = "desc",
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET,
+                                     description="matching samples to skip (paging)")] = 0,
+        corrupted: Annotated[bool | None, Query(
+            description="only samples whose label injected noise changed (true) or did not")] = None,
+        injected: Annotated[bool | None, Query(
+            description="only injected duplicates (true), or only the other samples")] = None,
     ) -> Response:
-        """The k most (or least) memorized samples, optionally of one label."""
+        """The k most (or least) memorized samples after ``offset``, of those matching the
+        filters (label, corrupted, injected); ``total`` counts every match."""
         index = payloads.resolve(registry, run)
-        body, rows = payloads.top_payload(index, k=k, label=label, order=order)
-        metrics.rows_returned.labels(ROUTE_TOP).inc(rows)
-        return _json(body)
+        body, rows = payloads.top_payload(index, k=k, label=label, order=order, offset=offset,
+                                          corrupted=corrupted, injected=injected)
+        metrics.rows(ROUTE_TOP, rows)
+        return json_response(body)
 
     @api.get("/v1/runs/{run}/summary", response_model=SummaryResponse, tags=["runs"],
              responses=not_found)
@@ -332,13 +341,15 @@ def build_api(*, registry: RunRegistry, settings: ServeSettings, metrics: ServeM
         injected noisy labels and duplicates (where the run injected them)."""
         index = payloads.resolve(registry, run)
         body = await asyncio.to_thread(payloads.summary_payload, index)
-        return _json(body)
+        return json_response(body)
 
     @api.get("/metrics", response_model=None, tags=["service"],
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "Prometheus text exposition"}})
     async def prometheus() -> Response:
-        """Request, latency, row and table metrics of this replica, in Prometheus text format."""
+        """Request, latency, row and table metrics of the replica that answers, in Prometheus
+        text format. Service-wide figures (every replica once) are Ray's export of the same
+        metrics, ``ray_raycurv_serve_*``, on each node's metrics export port."""
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     @api.get("/openapi.json", include_in_schema=False)
@@ -351,6 +362,9 @@ def build_api(*, registry: RunRegistry, settings: ServeSettings, metrics: ServeM
         return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="raycurv lookup")
 
     app.include_router(api)
+    app.include_router(build_extra_routes(registry=registry, extras=Extras(), metrics=metrics,
+                                          responses=unauthorized if token else {}))
+    app.include_router(build_ui_routes(token_required=token is not None))
     if token:
         _document_bearer_auth(app)
     return app

@@ -27,7 +27,7 @@ class MemorizationLookup:
     def __init__(self, settings: ServeSettings) -> None:
         self._settings = settings
         self._log = logging.getLogger("ray.serve")
-        self._metrics = build_metrics()
+        self._metrics = build_metrics(export_to_ray=True)
         self._registry = RunRegistry(sources=settings.runs, metrics=self._metrics, log=self._log)
         for change in self._registry.refresh():
             self._log.info("startup: %s", change)

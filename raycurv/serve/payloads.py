@@ -46,12 +46,17 @@ def _envelope(index: TableIndex, **fields: bytes) -> bytes:
     return b"{" + b",".join(parts) + b"}"
 
 
-def sample_payload(index: TableIndex, sample_id: int) -> bytes:
-    """One row as JSON ``{"run", "sample"}``; raises NotFound when the table has no such sample."""
+def locate(index: TableIndex, sample_id: int) -> int:
+    """Row position of ``sample_id``; raises NotFound naming the ids that exist."""
     position = index.position_of(sample_id)
     if position < 0:
         raise NotFound(f"run {index.run!r} has no sample {sample_id}; {_describe_ids(index)}")
-    return _envelope(index, sample=index.row_json(position))
+    return position
+
+
+def sample_payload(index: TableIndex, sample_id: int) -> bytes:
+    """One row as JSON ``{"run", "sample"}``; raises NotFound when the table has no such sample."""
+    return _envelope(index, sample=index.row_json(locate(index, sample_id)))
 
 
 def lookup_payload(index: TableIndex, sample_ids: list[int]) -> tuple[bytes, int]:
@@ -65,11 +70,33 @@ def lookup_payload(index: TableIndex, sample_ids: list[int]) -> tuple[bytes, int
     return body, int(found.sum())
 
 
-def top_payload(index: TableIndex, *, k: int, label: int | None = None, order: Order = "desc"
+def ranked(index: TableIndex, *, k: int, label: int | None = None, order: Order = "desc",
+           offset: int = 0, corrupted: bool | None = None, injected: bool | None = None
+           ) -> tuple[np.ndarray, int]:
+    """Positions of the ``k`` samples after the first ``offset`` in rank order (desc: most
+    memorized first), of those matching every filter given (label; corrupted label or not;
+    injected copy or not); and how many match. Without the flag filters this reads only the
+    first offset + k of the precomputed order; with them, every sample of the label."""
+    if corrupted is None and injected is None:
+        positions, total = index.top(offset + k, label=label, order=order)
+        return positions[offset:], total
+    positions, _ = index.top(index.rows, label=label, order=order)
+    keep = np.ones(len(positions), dtype=bool)
+    if corrupted is not None:
+        keep &= index.columns["corrupted"][positions] == corrupted
+    if injected is not None:
+        keep &= (index.columns["duplicate_of"][positions] >= 0) == injected
+    positions = positions[keep]
+    return positions[offset:offset + k], len(positions)
+
+
+def top_payload(index: TableIndex, *, k: int, label: int | None = None, order: Order = "desc",
+                offset: int = 0, corrupted: bool | None = None, injected: bool | None = None
                 ) -> tuple[bytes, int]:
-    """JSON of the ``k`` most (desc) or least (asc) memorized samples, optionally of one label;
-    and the number of rows."""
-    positions, total = index.top(k, label=label, order=order)
+    """JSON of the ``k`` most (desc) or least (asc) memorized samples after ``offset``, of those
+    matching the filters (see :func:`ranked`); and the number of rows."""
+    positions, total = ranked(index, k=k, label=label, order=order, offset=offset,
+                              corrupted=corrupted, injected=injected)
     body = _envelope(index, order=json.dumps(order).encode(), label=json.dumps(label).encode(),
                      k=str(k).encode(), total=str(total).encode(),
                      rows=index.rows_json(positions))

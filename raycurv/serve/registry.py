@@ -15,13 +15,16 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from raycurv import storage
 from raycurv.runfolder import RunFolder, run_name
 from raycurv.serve.index import TableIndex, release_freed_memory
-from raycurv.serve.prometheus import ServeMetrics
 from raycurv.storage import FileStamp
 from raycurv.table import TableError
+
+if TYPE_CHECKING:  # the service's metrics; `raycurv query` reads tables without loading Serve
+    from raycurv.serve.prometheus import ServeMetrics
 
 MISSING = "missing"
 
@@ -119,7 +122,7 @@ class RunRegistry:
                         self._warm(updated.index)
             self._runs = MappingProxyType(runs)
             if self._metrics:
-                self._metrics.tables_loaded.set(self.loaded())
+                self._metrics.tables(self.loaded())
             return changes
 
     def _check(self, state: RunState) -> RunState:
@@ -141,8 +144,7 @@ class RunRegistry:
         finally:
             release_freed_memory()
         if self._metrics:
-            self._metrics.table_loads.labels(state.name).inc()
-            self._metrics.table_rows.labels(state.name).set(index.rows)
+            self._metrics.table_loaded(state.name, index.rows)
         self._log.info("run %s: loaded %s (%d rows, %.2fs)", state.name, state.file, index.rows,
                        index.load_seconds)
         return replace(state, index=index, loads=state.loads + 1, last_error=None, refused=None)
@@ -153,7 +155,7 @@ class RunRegistry:
         keeps = "the previous table keeps serving" if state.index else "no table to serve"
         self._log.warning("run %s: refused %s: %s (%s)", state.name, state.file, reason, keeps)
         if self._metrics:
-            self._metrics.reload_failures.labels(state.name).inc()
+            self._metrics.reload_failed(state.name)
         return replace(state, failures=state.failures + 1, last_error=reason, refused=key)
 
     def _warm(self, index: TableIndex) -> None:
