@@ -43,6 +43,7 @@ from raycurv.data.sharding import epoch_batches, scoring_batches
 from raycurv.data.transforms import crop_padding, to_input
 from raycurv.detection import detection
 from raycurv.detection import targets as detection_targets
+from raycurv.dynamics import TRAINING_RECORDS
 from raycurv.models import build_model
 from raycurv.scoring_model import prepare_for_scoring
 from raycurv.train import SCHEDULES, TrainData, _train_epoch
@@ -52,8 +53,8 @@ PROBES = (1, 2, 5, 10)
 
 def train_and_score(spec: ScoreSpec, *, probes: int, method: str = "fd", log=print) -> dict[str, np.ndarray]:
     """Train as a scoring run does (one worker) and score every sample after every epoch.
-    Returns per-epoch, per-probe norms ||d_j|| (E, probes, N) and the per-epoch training loss
-    (E, N)."""
+    Returns per-epoch, per-probe norms ||d_j|| (E, probes, N) and the per-epoch training records
+    (raycurv.dynamics.TRAINING_RECORDS: loss, logit margin, probability margin; each (E, N))."""
     data = prepare_dataset(spec.data, seed=spec.seed)
     t, c = spec.train, spec.curvature
     payload = TrainData.of(data)
@@ -64,7 +65,7 @@ def train_and_score(spec: ScoreSpec, *, probes: int, method: str = "fd", log=pri
     sched = SCHEDULES[t.schedule](opt, t.epochs)
     n = len(data)
     norms = np.zeros((t.epochs, probes, n), dtype=np.float32)
-    train_loss = np.zeros((t.epochs, n), dtype=np.float32)
+    training = {name: np.zeros((t.epochs, n), dtype=np.float32) for name in TRAINING_RECORDS}
     final_loss = np.zeros(n, dtype=np.float32)
     seconds = {"train": 0.0, "score": 0.0}
     pad = crop_padding(data.input_shape[1])
@@ -74,10 +75,12 @@ def train_and_score(spec: ScoreSpec, *, probes: int, method: str = "fd", log=pri
         generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch * 1_009)
         batches = epoch_batches(n, world_size=1, rank=0, batch_size=t.batch_size, seed=spec.seed,
                                 epoch=epoch)
-        losses, correct = _train_epoch(model, opt, payload, batches, device="cpu",
-                                       generator=generator, pad=pad)
+        records, correct = _train_epoch(model, opt, payload, batches, device="cpu",
+                                        generator=generator, pad=pad)
         sched.step()
-        train_loss[epoch] = losses
+        for name, row in zip(TRAINING_RECORDS, records, strict=True):
+            training[name][epoch] = row
+        losses = records[0]
         seconds["train"] += time.perf_counter() - tic
         tic = time.perf_counter()
         scoring = None
@@ -95,7 +98,7 @@ def train_and_score(spec: ScoreSpec, *, probes: int, method: str = "fd", log=pri
             f"loss {losses.mean():.3f}; {seconds['train']:.0f} s training, "
             f"{seconds['score']:.0f} s scoring so far", file=sys.stderr, flush=True)
     return {"probe_norms": norms, "h": np.float64(c.h), "variant": np.str_(c.variant),
-            "train_loss": train_loss, "final_loss": final_loss,
+            **training, "final_loss": final_loss,
             "corrupted": data.corrupted, "duplicate_of": data.duplicate_of,
             "sample_ids": data.sample_ids, "seconds": np.array([seconds["train"], seconds["score"]])}
 

@@ -21,6 +21,7 @@ from raycurv.curvature import curvature, reduce_probe_norms
 from raycurv.data import Normalization, Prepared
 from raycurv.data.sharding import actor_shards, scoring_batches
 from raycurv.data.transforms import to_input
+from raycurv.dynamics import TRAINING_RECORDS, co_scores
 from raycurv.metrics import record_scoring
 from raycurv.models import build_model
 from raycurv.runfolder import RunFolder
@@ -52,8 +53,9 @@ class ShardSpec:
 class ShardScorer:
     """Scores one shard (plain Python: the actor below wraps it; tests use it directly).
 
-    State: per-epoch curvature (estimators, epochs, n) and training loss (epochs, n), float32, NaN
-    where not yet scored, and the loss, prediction and confidence of the latest scored epoch's model.
+    State: per-epoch curvature (estimators, epochs, n) and training records (raycurv.dynamics.
+    TRAINING_RECORDS: loss, logit margin, probability margin; each (epochs, n)), float32, NaN where
+    not yet recorded, and the loss, prediction and confidence of the latest scored epoch's model.
     Estimators sharing an h share their gradient passes: the variants and smaller probe counts
     follow from the per-probe norms of the largest.
     """
@@ -64,7 +66,8 @@ class ShardScorer:
         self.images, self.labels, self.sample_ids = images, labels, sample_ids
         n = spec.stop - spec.start
         self.curvature = np.full((len(spec.estimators), spec.epochs, n), np.nan, dtype=np.float32)
-        self.train_loss = np.full((spec.epochs, n), np.nan, dtype=np.float32)
+        self.training = {name: np.full((spec.epochs, n), np.nan, dtype=np.float32)
+                         for name in TRAINING_RECORDS}
         self.final = {"epoch": -1, "loss": np.full(n, np.nan, np.float32),
                       "pred": np.full(n, -1, np.int32), "confidence": np.full(n, np.nan, np.float32)}
         self.model = build_model(spec.model, in_channels=spec.in_channels,
@@ -72,18 +75,26 @@ class ShardScorer:
         self._load()
 
     @property
+    def train_loss(self) -> np.ndarray:
+        """Per-epoch training loss of the shard's samples (epochs, n), NaN where not recorded."""
+        return self.training["train_loss"]
+
+    @property
     def scored_epochs(self) -> list[int]:
         return [int(e) for e in np.flatnonzero(~np.isnan(self.curvature).any(axis=(0, 2)))]
 
     def score_epoch(self, epoch: int, weights: dict[str, torch.Tensor] | None,
-                    train_loss: np.ndarray) -> dict[str, Any]:
+                    training: dict[str, np.ndarray]) -> dict[str, Any]:
         """Score the shard on ``weights`` (the model after ``epoch``); record this shard's slice of
-        ``train_loss`` (N,), the epoch's per-sample training loss. Idempotent per epoch.
-        ``weights`` None: an epoch the run does not score; only its training loss is kept."""
+        ``training``, the epoch's per-sample training records by name (TRAINING_RECORDS, each
+        (N,); ``train_loss`` required, a missing margin stays NaN). Idempotent per epoch.
+        ``weights`` None: an epoch the run does not score; only its training records are kept."""
+        if "train_loss" not in training:
+            raise ValueError(f"training records {sorted(training)} lack train_loss")
         started = time.perf_counter()
         skipped = {"shard": self.spec.index, "epoch": epoch, "samples": 0, "seconds": 0.0}
         if weights is None:
-            self.train_loss[epoch] = train_loss[self.spec.start:self.spec.stop]
+            self._keep_training(epoch, training)
             self._save()
             return skipped
         if epoch in self.scored_epochs:
@@ -104,10 +115,15 @@ class ShardScorer:
                 self.final["pred"][lo:hi] = out.pred.cpu().numpy()
                 self.final["confidence"][lo:hi] = out.confidence.cpu().numpy()
         self.final["epoch"] = max(self.final["epoch"], epoch)
-        self.train_loss[epoch] = train_loss[s.start:s.stop]
+        self._keep_training(epoch, training)
         self._save()
         return {"shard": s.index, "epoch": epoch, "samples": s.stop - s.start,
                 "seconds": time.perf_counter() - started}
+
+    def _keep_training(self, epoch: int, training: dict[str, np.ndarray]) -> None:
+        for name in TRAINING_RECORDS:
+            if name in training:
+                self.training[name][epoch] = training[name][self.spec.start:self.spec.stop]
 
     def _score_batch(self, scoring: ScoringModel, x, y, ids, epoch: int, lo: int, hi: int):
         """Every estimator on one batch; one set of gradient passes per distinct h."""
@@ -126,7 +142,7 @@ class ShardScorer:
     def state(self) -> dict[str, np.ndarray]:
         """Arrays for the merge: positions are start + arange(n)."""
         return {"start": np.int64(self.spec.start), "curvature": self.curvature,
-                "train_loss": self.train_loss, "final_epoch": np.int64(self.final["epoch"]),
+                **self.training, "final_epoch": np.int64(self.final["epoch"]),
                 "final_loss": self.final["loss"], "final_pred": self.final["pred"],
                 "final_confidence": self.final["confidence"]}
 
@@ -137,7 +153,9 @@ class ShardScorer:
         saved = storage.read_npz(self.spec.state_uri)
         if saved is None or saved["curvature"].shape != self.curvature.shape:
             return
-        self.curvature, self.train_loss = saved["curvature"], saved["train_loss"]
+        self.curvature = saved["curvature"]
+        # a state saved before raycurv kept margins has train_loss only: the rest stay NaN
+        self.training.update({name: saved[name] for name in TRAINING_RECORDS if name in saved})
         self.final = {"epoch": int(saved["final_epoch"]), "loss": saved["final_loss"],
                       "pred": saved["final_pred"], "confidence": saved["final_confidence"]}
 
@@ -152,8 +170,8 @@ class CurvatureActor:
         self.scorer = ShardScorer(spec, shard["images"], shard["labels"], shard["sample_ids"],
                                   device=device)
 
-    def score_epoch(self, epoch: int, weights: dict, train_loss: np.ndarray) -> dict[str, Any]:
-        stats = self.scorer.score_epoch(epoch, weights, train_loss)
+    def score_epoch(self, epoch: int, weights: dict, training: dict[str, np.ndarray]) -> dict[str, Any]:
+        stats = self.scorer.score_epoch(epoch, weights, training)
         record_scoring(self.run, stats["shard"], stats["samples"], stats["seconds"])
         return stats
 
@@ -177,12 +195,13 @@ class CurvaturePool:
     shard_refs: list[Any] = field(default_factory=list)
 
     def submit(self, epoch: int, weights: dict[str, torch.Tensor] | None,
-               train_loss: np.ndarray) -> list[ray.ObjectRef]:
+               training: dict[str, np.ndarray]) -> list[ray.ObjectRef]:
         """Hand epoch ``epoch``'s weights (put in the object store once for all actors; None for an
-        epoch that is not scored) and training losses to every actor; no waiting."""
+        epoch that is not scored) and training records (name -> (N,), see
+        ShardScorer.score_epoch) to every actor; no waiting."""
         weights_ref = None if weights is None else ray.put(weights)
-        loss_ref = ray.put(train_loss)
-        return [actor.score_epoch.remote(epoch, weights_ref, loss_ref) for actor in self.actors]
+        training_ref = ray.put(training)
+        return [actor.score_epoch.remote(epoch, weights_ref, training_ref) for actor in self.actors]
 
     def states(self) -> list[dict[str, np.ndarray]]:
         return ray.get([actor.state.remote() for actor in self.actors])
@@ -226,18 +245,20 @@ def start_pool(spec: ScoreSpec, data: Prepared) -> CurvaturePool:
 
 
 def merge_states(states: list[dict[str, np.ndarray]], data: Prepared) -> dict[str, np.ndarray]:
-    """Per-shard actor states -> per-sample arrays in dataset order, and ``by_epoch``, the
+    """Per-shard actor states -> per-sample arrays in dataset order (csl, the final model's
+    columns, the training-dynamics co-scores of raycurv.dynamics), and ``by_epoch``, the
     (estimators, epochs, N) per-epoch curvature, NaN where an epoch was not scored."""
     ordered = sorted(states, key=lambda s: int(s["start"]))
     by_epoch = np.concatenate([s["curvature"] for s in ordered], axis=2)
-    train_loss = np.concatenate([s["train_loss"] for s in ordered], axis=1)
+    training = {name: np.concatenate([s[name] for s in ordered], axis=1) for name in TRAINING_RECORDS}
     if not (~np.isnan(by_epoch)).any(axis=1).all():
         missing = int((~(~np.isnan(by_epoch)).any(axis=1)).sum())
         raise RuntimeError(f"{missing} (estimator, sample) pairs were never scored")
     return {
         "sample_id": data.sample_ids, "label": data.labels, "original_label": data.original_labels,
         "corrupted": data.corrupted, "duplicate_of": data.duplicate_of,
-        "csl": np.nansum(train_loss, axis=0),
+        "csl": np.nansum(training["train_loss"], axis=0),
+        **co_scores(training["train_margin"], training["train_prob_margin"]),
         "final_loss": np.concatenate([s["final_loss"] for s in ordered]),
         "final_confidence": np.concatenate([s["final_confidence"] for s in ordered]),
         "final_pred": np.concatenate([s["final_pred"] for s in ordered]),

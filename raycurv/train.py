@@ -1,8 +1,9 @@
 """The per-worker training loop (Ray Train, DDP) and the TorchTrainer that runs it.
 
 Each epoch every worker trains on its own share of a seeded permutation, records each sample's
-training loss (all-reduced, so csl is exact for every sample), and rank 0 hands the epoch's
-weights to the curvature pool without waiting for it, up to ``max_lag`` epochs in flight.
+training loss and margins (raycurv.dynamics.TRAINING_RECORDS; all-reduced, so csl and the
+co-scores are exact for every sample), and rank 0 hands the epoch's weights and records to the
+curvature pool without waiting for it, up to ``max_lag`` epochs in flight.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from raycurv.config import ScoreSpec
 from raycurv.data import Normalization, Prepared
 from raycurv.data.sharding import epoch_batches
 from raycurv.data.transforms import augment, crop_padding, to_input
+from raycurv.dynamics import TRAINING_RECORDS, training_margins
 from raycurv.metrics import record_epoch
 from raycurv.models import build_model
 from raycurv.runfolder import TRAIN_DIR, RunFolder
@@ -100,8 +102,10 @@ class TrainData:
 
 
 def _train_epoch(model, opt, data: TrainData, batches, *, device, generator, pad):
-    """One pass over this worker's batches; returns per-position losses (N,) and #correct."""
-    losses = np.zeros(len(data.labels), dtype=np.float64)
+    """One pass over this worker's batches; returns the per-position training records
+    (len(TRAINING_RECORDS), N) float64 (loss, logit margin, probability margin; 0 at positions
+    other workers trained) and #correct."""
+    records = np.zeros((len(TRAINING_RECORDS), len(data.labels)), dtype=np.float64)
     correct = 0
     model.train()
     for positions in batches:
@@ -114,9 +118,10 @@ def _train_epoch(model, opt, data: TrainData, batches, *, device, generator, pad
         opt.zero_grad(set_to_none=True)
         per_sample.mean().backward()
         opt.step()
-        losses[positions] = per_sample.detach().cpu().numpy()
+        records[:, positions] = torch.stack([per_sample.detach(), *training_margins(logits, y)]
+                                            ).cpu().numpy()
         correct += int((logits.argmax(1) == y).sum())
-    return losses, correct
+    return records, correct
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -148,10 +153,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch * 1_009 + rank)
         batches = epoch_batches(n, world_size=world, rank=rank, batch_size=t.batch_size,
                                 seed=spec.seed, epoch=epoch)
-        losses, correct = _train_epoch(model, opt, data, batches, device=device,
-                                       generator=generator, pad=pad)
+        records, correct = _train_epoch(model, opt, data, batches, device=device,
+                                        generator=generator, pad=pad)
         sched.step()
-        losses = _all_reduce(losses)
+        records = _all_reduce(records)
+        losses = records[0]
         correct = int(_all_reduce(np.array([correct], dtype=np.int64))[0])
         train_seconds = time.perf_counter() - tic
         metrics = {"epoch": epoch, "train_loss": float(losses.mean()), "train_acc": correct / n,
@@ -162,7 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if pool is not None:
                 scored = spec.curvature.scores_epoch(epoch, t.epochs)
                 pending.append(_hand_to_pool(pool, folder, epoch, model_state if scored else None,
-                                             losses))
+                                             records))
                 pending = _backpressure(pending, pool.max_lag, folder)
                 metrics["scoring_lag"] = len(pending)
             checkpoint = _checkpoint(model, opt, sched, epoch)
@@ -176,32 +182,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _backpressure(pending, 0, folder)
 
 
-def _hand_to_pool(pool, folder: RunFolder, epoch: int, model_state: dict | None, losses: np.ndarray):
-    """Hand the epoch's weights to every actor (``model_state`` None: an epoch the run does not
-    score; the actors keep its losses only).
+def _hand_to_pool(pool, folder: RunFolder, epoch: int, model_state: dict | None,
+                  records: np.ndarray):
+    """Hand the epoch's weights and training records ((len(TRAINING_RECORDS), N), as
+    `_train_epoch` returns them) to every actor (``model_state`` None: an epoch the run does not
+    score; the actors keep its records only).
 
-    The weights and training losses also go to the run folder until the epoch is scored: if this
-    worker dies, the object it owns dies with it, and a restarted run re-submits from the file.
-    The file holds tensors and ints only, so `_catch_up` reads it with ``weights_only=True``.
+    Both also go to the run folder until the epoch is scored: if this worker dies, the object it
+    owns dies with it, and a restarted run re-submits from the file. The file holds tensors and
+    ints only (one float32 tensor per record name), so `_catch_up` reads it with
+    ``weights_only=True``.
     """
     weights = None if model_state is None else {k: v.detach().cpu() for k, v in model_state.items()}
-    train_loss = losses.astype(np.float32)
+    training = {name: row.astype(np.float32) for name, row in zip(TRAINING_RECORDS, records,
+                                                                    strict=True)}
     buf = io.BytesIO()
-    torch.save({"epoch": epoch, "weights": weights, "train_loss": torch.from_numpy(train_loss)},
-               buf)
+    torch.save({"epoch": epoch, "weights": weights,
+                **{name: torch.from_numpy(row) for name, row in training.items()}}, buf)
     storage.write_bytes(folder.epoch_weights(epoch), buf.getvalue())
-    return epoch, pool.submit(epoch, weights, train_loss)
+    return epoch, pool.submit(epoch, weights, training)
 
 
 def _catch_up(pool, folder: RunFolder, start: int) -> list[tuple[int, list]]:
     """Re-submit epochs trained before ``start`` whose scoring may not have finished (their
-    files remain); actors skip epochs they already scored."""
+    files remain); actors skip epochs they already scored. A file written before raycurv kept
+    margins holds ``train_loss`` only: its epoch's margins stay missing (no co-scores)."""
     pending = []
     for location in storage.list_files(folder.epochs):
         saved = torch.load(io.BytesIO(storage.read_bytes(location)), weights_only=True)
         if saved["epoch"] < start:
+            training = {name: saved[name].numpy() for name in TRAINING_RECORDS if name in saved}
             pending.append((saved["epoch"], pool.submit(saved["epoch"], saved["weights"],
-                                                        saved["train_loss"].numpy())))
+                                                        training)))
     return pending
 
 

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from raycurv.actors import ShardScorer, ShardSpec, shard_specs
+from raycurv import storage
+from raycurv.actors import ShardScorer, ShardSpec, merge_states, shard_specs
 from raycurv.config import CurvatureSpec, DataSpec, ScoreSpec
 from raycurv.curvature import curvature
 from raycurv.data import prepare_dataset
 from raycurv.data.transforms import to_input
+from raycurv.dynamics import TRAINING_RECORDS
 from raycurv.models import build_model
 from raycurv.scoring_model import prepare_for_scoring
 
@@ -32,6 +34,11 @@ def _scorer(digits, state_uri, start=40, stop=300, optimize=True):
     return ShardScorer(spec, digits.images[sl], digits.labels[sl], digits.sample_ids[sl])
 
 
+def _training(values: np.ndarray) -> dict[str, np.ndarray]:
+    """The same values for every training record (loss, logit margin, probability margin)."""
+    return dict.fromkeys(TRAINING_RECORDS, values)
+
+
 def _weights(seed: int):
     torch.manual_seed(seed)
     return build_model("small_cnn", in_channels=1, num_classes=10).state_dict()
@@ -40,7 +47,7 @@ def _weights(seed: int):
 @pytest.mark.parametrize("optimize", [True, False])
 def test_every_estimator_equals_its_own_plain_call(digits, tmp_path, optimize):
     scorer = _scorer(digits, tmp_path / "s.npz", optimize=optimize)
-    scorer.score_epoch(2, _weights(0), np.arange(300, dtype=np.float32))
+    scorer.score_epoch(2, _weights(0), _training(np.arange(300, dtype=np.float32)))
     model = build_model("small_cnn", in_channels=1, num_classes=10)
     model.load_state_dict(_weights(0))
     x = to_input(digits.images, digits.norm)
@@ -54,21 +61,51 @@ def test_every_estimator_equals_its_own_plain_call(digits, tmp_path, optimize):
                                         max_pass=scoring.max_pass).curvature
                               for a, b in ((40, 128), (128, 256), (256, 300))]).numpy()
         np.testing.assert_array_equal(scorer.curvature[k, 2], expected)
-    np.testing.assert_array_equal(scorer.train_loss[2], np.arange(40, 300, dtype=np.float32))
+    for name in TRAINING_RECORDS:
+        np.testing.assert_array_equal(scorer.training[name][2], np.arange(40, 300, dtype=np.float32))
     assert scorer.scored_epochs == [2]
 
 
 def test_an_epoch_scored_twice_counts_once_and_state_survives_a_restart(digits, tmp_path):
     scorer = _scorer(digits, tmp_path / "s.npz")
-    first = scorer.score_epoch(0, _weights(0), np.ones(300, np.float32))
-    again = scorer.score_epoch(0, _weights(1), np.full(300, 5.0, np.float32))
+    first = scorer.score_epoch(0, _weights(0), _training(np.ones(300, np.float32)))
+    again = scorer.score_epoch(0, _weights(1), _training(np.full(300, 5.0, np.float32)))
     assert first["samples"] == 260 and again["samples"] == 0
-    scorer.score_epoch(1, _weights(1), np.ones(300, np.float32))
+    scorer.score_epoch(1, _weights(1), _training(np.ones(300, np.float32)))
     restarted = _scorer(digits, tmp_path / "s.npz")
     assert restarted.scored_epochs == [0, 1]
     np.testing.assert_array_equal(restarted.curvature, scorer.curvature)
-    np.testing.assert_array_equal(restarted.train_loss[0], np.ones(260, np.float32))
+    for name in TRAINING_RECORDS:
+        np.testing.assert_array_equal(restarted.training[name][0], np.ones(260, np.float32))
     assert restarted.final["epoch"] == 1
+
+
+def test_a_state_from_before_margins_resumes_without_co_scores(digits, tmp_path):
+    """A shard state saved before raycurv kept margins (train_loss only) loads with its margins
+    missing: csl stays exact, and the merge leaves those samples' co-scores null."""
+    scorer = _scorer(digits, tmp_path / "s.npz")
+    scorer.score_epoch(0, _weights(0), {"train_loss": np.ones(300, np.float32)})
+    state = scorer.state()
+    for name in ("train_margin", "train_prob_margin"):
+        assert np.isnan(state.pop(name)).all()
+    storage.write_npz(str(tmp_path / "s.npz"), state)  # as an older raycurv wrote it
+    restarted = _scorer(digits, tmp_path / "s.npz")
+    assert np.isnan(restarted.training["train_margin"]).all()
+    for epoch in (1, 2):
+        restarted.score_epoch(epoch, _weights(epoch), _training(np.full(300, 0.5, np.float32)))
+    head = _scorer(digits, tmp_path / "head.npz", start=0, stop=40)
+    for epoch in range(3):
+        head.score_epoch(epoch, _weights(epoch), _training(np.full(300, 0.5, np.float32)))
+    merged = merge_states([restarted.state(), head.state()], digits)
+    np.testing.assert_array_equal(merged["csl"][40:], np.float32(2.0))
+    assert np.isnan(merged["aum"][40:]).all() and (merged["forgetting_events"][40:] == -1).all()
+    np.testing.assert_array_equal(merged["aum"][:40], np.float32(0.5))
+    np.testing.assert_array_equal(merged["learned_epoch"][:40], 0)
+
+
+def test_training_records_need_the_loss(digits, tmp_path):
+    with pytest.raises(ValueError, match="lack train_loss"):
+        _scorer(digits, tmp_path / "s.npz").score_epoch(0, None, {"train_margin": np.ones(300)})
 
 
 def test_hvp_in_half_precision_scores_like_a_direct_call(digits, tmp_path):
@@ -77,7 +114,7 @@ def test_hvp_in_half_precision_scores_like_a_direct_call(digits, tmp_path):
                      estimators=((0.03, 3, "norm"),), batch_size=64, state_uri=str(tmp_path / "h.npz"),
                      method="hvp", precision="bf16")
     scorer = ShardScorer(spec, digits.images[:100], digits.labels[:100], digits.sample_ids[:100])
-    scorer.score_epoch(0, _weights(0), np.zeros(300, np.float32))
+    scorer.score_epoch(0, _weights(0), _training(np.zeros(300, np.float32)))
     model = build_model("small_cnn", in_channels=1, num_classes=10)
     model.load_state_dict(_weights(0))
     x = to_input(digits.images[:100], digits.norm)

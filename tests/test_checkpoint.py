@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from raycurv import train
+from raycurv.dynamics import TRAINING_RECORDS
 from raycurv.runfolder import RunFolder
 
 
@@ -33,8 +34,8 @@ class _Pool:
     def __init__(self):
         self.submitted = []
 
-    def submit(self, epoch, weights, train_loss):
-        self.submitted.append((epoch, weights, train_loss))
+    def submit(self, epoch, weights, training):
+        self.submitted.append((epoch, weights, training))
         return []
 
 
@@ -82,21 +83,37 @@ def test_planted_checkpoint_runs_nothing(monkeypatch, tmp_path):
 
 def test_epoch_files_round_trip_loads_weights_only(tmp_path):
     model, _, _ = _trained("constant", seed=0)
-    losses = np.random.default_rng(0).random(7)
+    records = np.random.default_rng(0).normal(size=(len(TRAINING_RECORDS), 7))
     run_dir = RunFolder(str(tmp_path))
     handed = _Pool()
-    train._hand_to_pool(handed, run_dir, 0, model.state_dict(), losses)
-    train._hand_to_pool(handed, run_dir, 1, None, losses * 2)  # an epoch the run does not score
+    train._hand_to_pool(handed, run_dir, 0, model.state_dict(), records)
+    train._hand_to_pool(handed, run_dir, 1, None, records * 2)  # an epoch the run does not score
     caught_up = _Pool()
     train._catch_up(caught_up, run_dir, start=2)
     assert [s[0] for s in caught_up.submitted] == [0, 1]
-    for (_, weights, loss), (_, saved_weights, saved_loss) in zip(handed.submitted,
-                                                                  caught_up.submitted, strict=True):
-        assert isinstance(saved_loss, np.ndarray) and saved_loss.dtype == np.float32
-        np.testing.assert_array_equal(saved_loss, loss)
+    for (_, weights, training), (_, saved_weights, saved) in zip(handed.submitted,
+                                                                 caught_up.submitted, strict=True):
+        assert list(saved) == list(training) == list(TRAINING_RECORDS)
+        for name, values in training.items():
+            assert isinstance(saved[name], np.ndarray) and saved[name].dtype == np.float32
+            np.testing.assert_array_equal(saved[name], values)
         assert (weights is None) == (saved_weights is None)
         for name, value in (weights or {}).items():
             torch.testing.assert_close(saved_weights[name], value)
+
+
+def test_an_epoch_file_from_before_margins_resubmits_its_loss_only(tmp_path):
+    """Epoch files written before raycurv kept margins hold train_loss only: a resumed run hands
+    that on, and the actors leave the epoch's margins missing (no co-scores, never wrong ones)."""
+    folder = RunFolder(str(tmp_path))
+    (tmp_path / "epochs").mkdir()
+    torch.save({"epoch": 0, "weights": None, "train_loss": torch.arange(3.0)},
+               folder.epoch_weights(0))
+    pool = _Pool()
+    train._catch_up(pool, folder, start=1)
+    [(epoch, weights, training)] = pool.submitted
+    assert epoch == 0 and weights is None and list(training) == ["train_loss"]
+    np.testing.assert_array_equal(training["train_loss"], [0.0, 1.0, 2.0])
 
 
 def test_planted_epoch_file_runs_nothing(tmp_path):
