@@ -1,10 +1,13 @@
 """Agreement of a run's scores with a Feldman-Zhang reference (raycurv.reference): do curvature,
-csl and final loss rank the same samples as memorized as the accepted definition does?
+csl, final loss and the training-dynamics co-scores rank the same samples as memorized as the
+accepted definition does?
 
-For every score (higher = more memorized) against the reference's mem (higher = more memorized):
-cosine similarity on all samples and on the top k by the reference (the paper's measure: 0.87 on
-CIFAR-100's top 5,000), Pearson and Spearman correlation, and the top-k overlap (share of the
-reference's k most memorized samples that are also among the score's k highest).
+For every score, in raycurv.detection's direction (higher = more memorized: aum and margin
+negated; a sample never learned for good one epoch after the latest learned_epoch), against the
+reference's mem (higher = more memorized): cosine similarity on all samples and on the top k by
+the reference (the paper's measure: 0.87 on CIFAR-100's top 5,000), Pearson and Spearman
+correlation, and the top-k overlap (share of the reference's k most memorized samples that are
+also among the score's k highest). A co-score is compared on the samples that have it.
 """
 
 from __future__ import annotations
@@ -16,9 +19,8 @@ import pyarrow as pa
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics.pairwise import cosine_similarity
 
+from raycurv.detection import SCORES, flagging_scores
 from raycurv.errors import UsageError
-
-SCORES = ("curvature", "csl", "final_loss")
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -56,8 +58,10 @@ def agreement(score: np.ndarray, reference: np.ndarray, k: int) -> dict[str, flo
 
 def join_reference(table: pa.Table, reference: pa.Table) -> dict[str, np.ndarray]:
     """Per-sample arrays for the samples in both tables whose mem is defined: sample_id, mem and
-    the score columns. The reference must have been computed on the labels the run trained on."""
-    run = {name: table.column(name).to_numpy() for name in ("sample_id", "label", *SCORES)}
+    the score columns the table has (as stored, a null as NaN). The reference must have been
+    computed on the labels the run trained on."""
+    run = {name: table.column(name).to_numpy(zero_copy_only=False)
+           for name in ("sample_id", "label", *SCORES) if name in table.column_names}
     ref_ids = reference.column("sample_id").to_numpy()
     mem = reference.column("mem").to_numpy(zero_copy_only=False).astype(np.float64)
     ref_labels = reference.column("label").to_numpy()
@@ -69,7 +73,7 @@ def join_reference(table: pa.Table, reference: pa.Table) -> dict[str, np.ndarray
         raise UsageError(f"the reference was computed with other labels ({differ} of {len(common)} "
                          "shared samples differ); rerun it with `raycurv reference --from-run RUN`")
     keep = ~np.isnan(mem[in_ref])
-    out = {name: run[name][in_run][keep] for name in ("sample_id", *SCORES)}
+    out = {name: values[in_run][keep] for name, values in run.items() if name != "label"}
     out["mem"] = mem[in_ref][keep]
     return out
 
@@ -81,8 +85,17 @@ def evaluate_reference(table: pa.Table, reference: pa.Table, *, top_k: float = 0
     if n < 2:
         raise UsageError(f"only {n} shared sample(s) with a defined mem; use more reference models")
     k = top_k_count(top_k, n)
-    return {"samples": n, "run_samples": table.num_rows, "k": k,
-            "scores": {s: agreement(joined[s], joined["mem"], k) for s in SCORES}}
+    scores = {}
+    for name, values in flagging_scores(joined).items():
+        has = ~np.isnan(values)
+        if has.sum() < 2:
+            continue
+        finite = values[has & np.isfinite(values)]
+        values = np.where(np.isposinf(values), finite.max(initial=0.0) + 1, values)
+        scores[name] = agreement(values[has], joined["mem"][has], top_k_count(top_k, int(has.sum())))
+        if not has.all():
+            scores[name]["samples"] = int(has.sum())
+    return {"samples": n, "run_samples": table.num_rows, "k": k, "scores": scores}
 
 
 def format_agreement(metrics: dict[str, Any]) -> str:

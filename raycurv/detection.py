@@ -4,8 +4,13 @@ The one home of these metrics. ``raycurv evaluate``, the summary ``raycurv score
 rows of ``raycurv sweep`` and the lookup service's ``GET /v1/runs/{run}/summary`` all take them
 from :func:`evaluate_columns`, so they report the same figures for the same table.
 
-Direction: every score (``curvature``, ``csl``, ``final_loss``) is read as higher = more
-memorized = flagged first. A NaN or -inf score ranks below every finite one, +inf above.
+Direction: ``curvature``, ``csl``, ``final_loss`` and ``forgetting_events`` are read as higher =
+more memorized = flagged first; ``aum`` and ``margin`` (raycurv.dynamics) as lower = flagged
+first, so they are negated here; ``learned_epoch`` as later = flagged first, a sample never
+learned for good (null) above every epoch. :func:`flagging_scores` gives each score in that
+higher-first form; a NaN or -inf value ranks below every finite one, +inf above. A co-score with
+no value for any sample (a table from before contract 1.1) is left out; a sample without a
+training record (null aum) ranks last on every co-score.
 
 Targets, named as in the lookup API and after the table's columns:
 
@@ -35,8 +40,11 @@ from typing import Any, Literal, get_args
 import numpy as np
 import pyarrow as pa
 
-Score = Literal["curvature", "csl", "final_loss"]
+Score = Literal["curvature", "csl", "final_loss", "aum", "margin", "forgetting_events",
+                "learned_epoch"]
 SCORES: tuple[str, ...] = get_args(Score)
+CO_SCORES = SCORES[3:]  # raycurv.dynamics.CO_SCORES; nullable, may be absent (a 1.0 table)
+LOWER_FLAGS = ("aum", "margin")  # lower = flagged first
 Target = Literal["corrupted", "duplicate"]
 Metric = Literal["auroc", "average_precision", "precision_at_k"]
 METRICS: tuple[str, ...] = get_args(Metric)
@@ -76,9 +84,22 @@ def targets(corrupted: np.ndarray, duplicate_of: np.ndarray) -> dict[str, tuple[
     return _targets(corrupted.astype(bool, copy=False), _is_duplicate(duplicate_of))
 
 
+def flagging_scores(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The SCORES among ``columns`` (each (N,), as the table stores them; a null count or epoch
+    negative or NaN) in higher = flagged first form (see the module docstring), float64 for the
+    co-scores, as given for the others. Co-scores with no value at all are left out."""
+    present = {name: np.asarray(columns[name]) for name in SCORES if name in columns}
+    shapes = {np.shape(values) for values in present.values()}
+    if len(shapes) > 1 or any(len(shape) != 1 for shape in shapes):
+        raise ValueError(f"scores must be one array each of the same length, got "
+                         f"{ {name: np.shape(v) for name, v in present.items()} }")
+    return _flagging(present)
+
+
 def evaluate_columns(columns: dict[str, np.ndarray]) -> dict[str, Any]:
     """Detection metrics of a table's per-sample arrays: ``corrupted`` (bool), ``duplicate_of``
-    (int, negative or NaN for none) and the SCORES among ``columns``.
+    (int, negative or NaN for none) and the SCORES among ``columns`` (as the table stores them;
+    see :func:`flagging_scores` for their direction).
 
     Returns ``samples``, ``corrupted`` and ``duplicates`` (counts) and ``detection``:
     {target: {score: figures}} for each target with at least one positive (noise or duplicates
@@ -92,16 +113,18 @@ def evaluate_columns(columns: dict[str, np.ndarray]) -> dict[str, Any]:
             raise ValueError(f"column {name} {np.shape(columns[name])} does not match "
                              f"corrupted {corrupted.shape}")
     return _evaluate(corrupted.astype(bool, copy=False), _is_duplicate(columns["duplicate_of"]),
-                     {s: np.asarray(columns[s]) for s in SCORES if s in columns})
+                     _flagging({s: np.asarray(columns[s]) for s in SCORES if s in columns}))
 
 
 def evaluate_table(table: pa.Table) -> dict[str, Any]:
-    """:func:`evaluate_columns` of a contract-v1 score table (a null duplicate_of is none)."""
-    missing = [name for name in ("corrupted", "duplicate_of", *SCORES) if name not in table.column_names]
+    """:func:`evaluate_columns` of a contract-1.x score table (a null duplicate_of is none; the
+    co-scores where the table has them)."""
+    missing = [name for name in ("corrupted", "duplicate_of", *SCORES)
+               if name not in table.column_names and name not in CO_SCORES]
     if missing:
         raise ValueError(f"missing columns: {', '.join(missing)}")
     columns = {name: table.column(name).to_numpy(zero_copy_only=False)
-               for name in ("corrupted", *SCORES)}
+               for name in ("corrupted", *SCORES) if name in table.column_names}
     columns["duplicate_of"] = table.column("duplicate_of").fill_null(-1).to_numpy()
     return evaluate_columns(columns)
 
@@ -112,6 +135,28 @@ def detection_items(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"target": target, "score": score, **figures}
             for target, by_score in metrics["detection"].items()
             for score, figures in by_score.items()]
+
+
+def _flagging(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {name: values for name, values in scores.items() if name not in CO_SCORES}
+    co = {name: np.asarray(scores[name], dtype=np.float64) for name in CO_SCORES if name in scores}
+    if not co:
+        return out
+    for name in ("forgetting_events", "learned_epoch"):  # null: negative (numpy) or NaN (Arrow)
+        if name in co:
+            co[name] = np.where(co[name] < 0, np.nan, co[name])
+    recorded = ~np.isnan(co["aum"]) if "aum" in co else np.ones(len(next(iter(co.values()))), bool)
+    for name, values in co.items():
+        if name == "learned_epoch":  # never learned for good: above every epoch
+            if not recorded.any():
+                continue
+            values = np.where(np.isnan(values) & recorded, np.inf, values)
+        elif np.isnan(values).all():
+            continue
+        elif name in LOWER_FLAGS:
+            values = -values
+        out[name] = values
+    return out
 
 
 def _is_duplicate(duplicate_of: np.ndarray) -> np.ndarray:

@@ -1,6 +1,8 @@
-"""Metrics of a stored run: detection (raycurv.detection: how well curvature, csl and final loss
-find the corrupted labels and the injected conflicting duplicates), agreement with a reference,
-duplicate groups in the images, an epoch window of the curvature. Higher score = flagged first."""
+"""Metrics of a stored run: detection (raycurv.detection: how well curvature, csl, final loss and
+the training-dynamics co-scores find the corrupted labels and the injected conflicting
+duplicates), agreement with a reference, duplicate groups in the images, an epoch window of the
+curvature. Each score is read in raycurv.detection's direction (flagging_scores: aum and margin
+negated, never learned above every epoch), higher = flagged first."""
 
 from __future__ import annotations
 
@@ -9,11 +11,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raycurv.detection import SCORES, evaluate_table
+from raycurv.detection import SCORES, evaluate_table, flagging_scores
 from raycurv.errors import UsageError
 from raycurv.rundata import load_run_data
 from raycurv.runfolder import BY_EPOCH_FILE, RunFolder, read_run_scores
-from raycurv.table import TableError, rank_and_percentile
+from raycurv.table import TableError, rank_and_percentile, with_optional_columns
 
 TARGET_TITLES = {"corrupted": "corrupted labels", "duplicate": "duplicates vs clean"}
 
@@ -138,7 +140,8 @@ def duplicate_metrics(dups, columns: dict[str, np.ndarray], *, top_share: float 
         "samples_in_conflicting": int(sum(len(g.members) for g in conflicting)),
         "top_share": top_share,
     }
-    ranked = {s: rank_and_percentile(columns[s]) for s in SCORES if s in columns}
+    ranked = {s: rank_and_percentile(np.where(np.isnan(values), -np.inf, values))
+              for s, values in flagging_scores(columns).items()}
     pct = {s: percentile for s, (_, percentile) in ranked.items()}
     if conflicting:
         out["ranking"] = {s: _group_ranking(conflicting, p, top_share) for s, p in pct.items()}
@@ -157,9 +160,11 @@ def duplicate_metrics(dups, columns: dict[str, np.ndarray], *, top_share: float 
 # --- a stored run, end to end ---------------------------------------------------------------
 
 def table_columns(table: pa.Table) -> dict[str, np.ndarray]:
-    """The per-sample arrays evaluation uses (duplicate_of: -1 for none)."""
+    """The per-sample arrays evaluation uses (duplicate_of: -1 for none; the co-scores as
+    stored, a null as NaN, where the table has them)."""
     cols = {name: table.column(name).to_numpy(zero_copy_only=False)
-            for name in ("sample_id", "label", "original_label", "corrupted", *SCORES)}
+            for name in ("sample_id", "label", "original_label", "corrupted", *SCORES)
+            if name in table.column_names}
     cols["duplicate_of"] = table.column("duplicate_of").fill_null(-1).to_numpy()
     return cols
 
@@ -174,11 +179,13 @@ def find_run_duplicates(folder: RunFolder, table: pa.Table, threshold: float):
 
 def load_run_table(run: str, epochs: str | None = None) -> tuple[RunFolder, pa.Table]:
     """(run folder, score table) of ``run`` (a folder or its table file, local or a URI); with
-    ``epochs`` 'A:B', curvature is the mean over epochs A..B-1. Bad input raises UsageError."""
+    ``epochs`` 'A:B', curvature is the mean over epochs A..B-1. A 1.0 table gets the 1.1
+    co-score columns, all null. Bad input raises UsageError."""
     try:
         folder, table = read_run_scores(run)
     except TableError as exc:
         raise UsageError(str(exc)) from None
+    table = with_optional_columns(table)
     if epochs is not None:
         table = read_epoch_window(folder, table, epochs)
     return folder, table

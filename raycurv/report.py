@@ -4,15 +4,17 @@ it opens offline in any browser.
 
 Figures (higher curvature = more memorized throughout):
   histogram.png   curvature of clean samples, corrupted labels and injected duplicates (log x)
-  roc.png         ROC of curvature, csl and final loss for the corrupted labels and injected
-                  duplicates (only where the run injected them, so the truth is known)
+  roc.png         ROC of every score (curvature, csl, final loss, the training-dynamics
+                  co-scores, in raycurv.detection's direction) for the corrupted labels and
+                  injected duplicates (only where the run injected them, so the truth is known)
   csl.png         curvature against csl, per sample (log-log)
   per_class.png   curvature per given label (box plots)
   epochs.png      per-epoch curvature of the 10 highest-ranked samples against the median and
                   10-90 % band of all samples (needs the per-epoch table)
   reference.png   curvature against a Feldman-Zhang reference's mem (with --reference)
 index.html: the run's settings, its metrics, the figures, and the top samples in rank order
-(image, given label, original label, prediction, curvature, csl, duplicate group).
+(image, given label, original label, prediction, curvature, csl, aum, forgetting events, the
+epoch learned for good, duplicate group).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from raycurv import storage
 from raycurv.agreement import join_reference
 from raycurv.class_names import class_names
+from raycurv.detection import flagging_scores
 from raycurv.duplicates import NEAR_THRESHOLD, find_duplicates
 from raycurv.errors import UsageError
-from raycurv.evaluate import SCORES, collect_metrics, format_run, load_run_table, table_columns
+from raycurv.evaluate import collect_metrics, format_run, load_run_table, table_columns
 from raycurv.pixels import to_image
 from raycurv.reference import read_reference
 from raycurv.rundata import load_run_data
@@ -99,11 +102,14 @@ def roc_figure(cols: dict[str, np.ndarray], path: Path) -> str | None:
     if not targets:
         return None
     plt = pyplot()
+    flagged = {name: np.nan_to_num(np.asarray(values, np.float64), nan=-np.inf, posinf=np.finfo(np.float64).max,
+                                   neginf=np.finfo(np.float64).min)
+               for name, values in flagging_scores(cols).items()}
     fig, axes = plt.subplots(1, len(targets), figsize=(4.6 * len(targets), 4.2), squeeze=False)
     for ax, (name, mask, target) in zip(axes[0], targets, strict=True):
-        for score in SCORES:
-            fpr, tpr, _ = roc_curve(target[mask], cols[score][mask])
-            auc = roc_auc_score(target[mask], cols[score][mask])
+        for score, values in flagged.items():
+            fpr, tpr, _ = roc_curve(target[mask], values[mask])
+            auc = roc_auc_score(target[mask], values[mask])
             ax.plot(fpr, tpr, label=f"{score} (AUROC {auc:.3f})")
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"Finding {name}")
@@ -219,6 +225,17 @@ def _group_cell(pos: int, dups, cols: dict[str, np.ndarray], names, thumbs: dict
     return " ".join(p for p in parts if p)
 
 
+def _co_score_cell(cols: dict[str, np.ndarray], name: str, pos: int) -> str:
+    """A co-score's value, '-' where the table has none (NaN, or a 1.0 table); a null
+    learned_epoch with a training record reads 'never'."""
+    value = float(cols[name][pos]) if name in cols else float("nan")
+    if name == "learned_epoch" and np.isnan(value) and not np.isnan(float(cols["aum"][pos])):
+        return "never"
+    if np.isnan(value):
+        return "-"
+    return f"{value:.3f}" if name == "aum" else str(int(value))
+
+
 def gallery_rows(cols: dict[str, np.ndarray], top: int, names, dups, thumbs: dict[int, str]) -> list[str]:
     """One <tr> per sample among the ``top`` highest curvature, in rank order (rank 1 first)."""
     rows = []
@@ -231,6 +248,7 @@ def gallery_rows(cols: dict[str, np.ndarray], top: int, names, dups, thumbs: dic
         cells = [str(rank), img, str(sid), html.escape(_label(label, names)),
                  html.escape(_label(orig, names)), html.escape(_label(int(cols["final_pred"][pos]), names)),
                  f"{cols['curvature'][pos]:.4g}", f"{cols['percentile'][pos]:.4f}", f"{cols['csl'][pos]:.4g}",
+                 *(_co_score_cell(cols, name, pos) for name in ("aum", "forgetting_events", "learned_epoch")),
                  _group_cell(pos, dups, cols, names, thumbs), html.escape("; ".join(notes))]
         rows.append(f'<tr data-rank="{rank}" data-sample-id="{sid}">'
                     + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -241,7 +259,8 @@ def render_html(title: str, settings: dict[str, Any], metrics_text: str,
                 figures: list[tuple[str, str]], rows: list[str]) -> str:
     """The page: settings, metrics (preformatted), figures (file, caption), gallery rows."""
     head = ["rank", "image", "sample_id", "given label", "original label", "prediction",
-            "curvature", "percentile", "csl", "duplicate group", "notes"]
+            "curvature", "percentile", "csl", "aum", "forgetting events", "learned (epoch)",
+            "duplicate group", "notes"]
     setting_rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                            for k, v in settings.items())
     figs = "".join(f'<figure><img src="{f}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}'

@@ -1,6 +1,7 @@
 """A run's results: the merged actor states (raycurv.actors.merge_states) turned into each
-estimator's score table (contract v1, with its metadata) and per-epoch table, written to the run
-folder. Higher curvature = more memorized."""
+estimator's score table (contract 1.1, with its metadata: curvature, csl, the final model's
+columns and the training-dynamics co-scores) and per-epoch table, written to the run folder.
+Higher curvature = more memorized."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from raycurv.table import BY_EPOCH_SCHEMA, build_table
 
 def table_metadata(spec: ScoreSpec, data: Prepared, estimator: EstimatorSpec,
                    epochs: list[int]) -> dict[str, Any]:
-    """The score table's metadata (contract v1) for ``estimator`` scored on ``epochs``."""
+    """The score table's metadata (contract 1.1) for ``estimator`` scored on ``epochs``;
+    ``train_epochs``: the epochs trained, over which csl and the co-scores run."""
     return {
         "raycurv_version": raycurv.__version__, "run": spec.run_name,
         "dataset": data.name, "dataset_fingerprint": data.fingerprint, "n": len(data),
@@ -27,7 +29,8 @@ def table_metadata(spec: ScoreSpec, data: Prepared, estimator: EstimatorSpec,
         "noise": {"rate": spec.data.noise, "kind": spec.data.noise_kind,
                   "duplicates": spec.data.duplicates, "limit": spec.data.limit},
         "model": spec.train.model, "variant": estimator.variant, "h": estimator.h,
-        "probes": estimator.probes, "epochs": epochs, "seed": spec.seed,
+        "probes": estimator.probes, "epochs": epochs, "train_epochs": spec.train.epochs,
+        "seed": spec.seed,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 

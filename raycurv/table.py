@@ -1,8 +1,16 @@
-"""The score table: Arrow schema (contract v1), building and validation. Where it is stored, and
+"""The score table: Arrow schema (contract 1.1), building and validation. Where it is stored, and
 how it is read and written, is raycurv.runfolder's business.
 
 One row per training sample, sorted by ``sample_id``. Higher ``curvature`` means more memorized; ``rank`` 1 is the highest curvature and
 ``percentile`` is the share of samples with strictly lower curvature, in [0, 1].
+
+Versions: the metadata's ``table_version`` is the contract's major version (1) and
+``table_minor_version`` its minor one. Minor versions only add nullable columns at the end, so
+a reader of version 1 reads every 1.x table, and this module reads 1.0 tables (written without
+a minor version): :func:`with_optional_columns` gives them the later columns, all null.
+1.1 added the training-dynamics co-scores (raycurv.dynamics): ``aum``, ``margin`` (lower = more
+likely mislabeled), ``forgetting_events``, ``learned_epoch`` (higher = harder; null = not learned
+for good by the last epoch), null where the run has no complete training record of a sample.
 """
 
 from __future__ import annotations
@@ -13,11 +21,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-TABLE_VERSION = 1
+TABLE_VERSION = 1  # the major version: changes only when a version-1 reader would misread
+TABLE_MINOR_VERSION = 1  # 1.1: the training-dynamics co-scores
 METADATA_KEY = b"raycurv"
 
-SCHEMA = pa.schema(
-    [
+V1_FIELDS = [
         pa.field("sample_id", pa.int64(), nullable=False),
         pa.field("label", pa.int32(), nullable=False),
         pa.field("original_label", pa.int32(), nullable=False),
@@ -31,9 +39,18 @@ SCHEMA = pa.schema(
         pa.field("final_pred", pa.int32(), nullable=False),
         pa.field("rank", pa.int64(), nullable=False),
         pa.field("percentile", pa.float32(), nullable=False),
-    ]
-)
+]
+CO_SCORE_FIELDS = [  # 1.1; raycurv.dynamics defines them
+    pa.field("aum", pa.float32(), nullable=True),
+    pa.field("margin", pa.float32(), nullable=True),
+    pa.field("forgetting_events", pa.int32(), nullable=True),
+    pa.field("learned_epoch", pa.int32(), nullable=True),
+]
+SCHEMA = pa.schema(V1_FIELDS + CO_SCORE_FIELDS)
 COLUMNS = tuple(SCHEMA.names)
+OPTIONAL_COLUMNS = tuple(f.name for f in CO_SCORE_FIELDS)  # absent from a 1.0 table
+# integer columns whose null is written as a negative number in numpy arrays
+NULLABLE_INT_COLUMNS = ("duplicate_of", "forgetting_events", "learned_epoch")
 
 BY_EPOCH_SCHEMA = pa.schema(
     [
@@ -61,23 +78,31 @@ def rank_and_percentile(curvature: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_table(columns: dict[str, Any], metadata: dict[str, Any]) -> pa.Table:
-    """Assemble a contract-v1 table from per-sample arrays (all but ``rank`` and
-    ``percentile``, which are derived from ``curvature``), sorted by sample_id."""
+    """Assemble a score table from per-sample arrays (all but ``rank`` and ``percentile``, which
+    are derived from ``curvature``), sorted by sample_id: contract 1.1 when ``columns`` holds a
+    co-score (the others are then null), else 1.0 (the columns of version 1 only).
+
+    Nulls: ``duplicate_of``, ``forgetting_events`` and ``learned_epoch`` are null where negative
+    (or absent), ``aum`` and ``margin`` where NaN (or absent)."""
     n = len(columns["sample_id"])
     order = np.argsort(np.asarray(columns["sample_id"]), kind="stable")
     data = {name: np.asarray(columns[name])[order] for name in columns}
     data["rank"], data["percentile"] = rank_and_percentile(data["curvature"])
-    if "duplicate_of" not in data:
-        data["duplicate_of"] = np.full(n, -1, dtype=np.int64)
-    dup = np.asarray(data["duplicate_of"], dtype=np.int64)
+    minor = TABLE_MINOR_VERSION if any(name in columns for name in OPTIONAL_COLUMNS) else 0
+    fields = SCHEMA if minor else pa.schema(V1_FIELDS)
     arrays = []
-    for field in SCHEMA:
-        if field.name == "duplicate_of":
-            arrays.append(pa.array(dup, type=pa.int64(), mask=dup < 0))
+    for field in fields:
+        dtype = field.type.to_pandas_dtype()
+        if field.name in NULLABLE_INT_COLUMNS:
+            values = np.asarray(data.get(field.name, np.full(n, -1)), dtype=np.int64)
+            arrays.append(pa.array(values.astype(dtype), type=field.type, mask=values < 0))
+        elif field.nullable:
+            values = np.asarray(data.get(field.name, np.full(n, np.nan)), dtype=dtype)
+            arrays.append(pa.array(values, type=field.type, mask=np.isnan(values)))
         else:
-            arrays.append(pa.array(np.asarray(data[field.name]).astype(field.type.to_pandas_dtype())))
-    meta = {"table_version": TABLE_VERSION, **metadata}
-    schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+            arrays.append(pa.array(np.asarray(data[field.name]).astype(dtype)))
+    meta = {**metadata, "table_version": TABLE_VERSION, "table_minor_version": minor}
+    schema = fields.with_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
@@ -100,12 +125,25 @@ def _unique(ids: np.ndarray) -> bool:
     return not np.any(ordered[1:] == ordered[:-1])
 
 
+def with_optional_columns(table: pa.Table) -> pa.Table:
+    """``table`` with every column added after 1.0 that it lacks appended, all null (a 1.0
+    table read as 1.1)."""
+    for field in CO_SCORE_FIELDS:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, type=field.type))
+    return table
+
+
 def validate_table(table: pa.Table) -> dict[str, Any]:
-    """Check a table against contract v1; returns its metadata. Raises TableError."""
-    missing = [name for name in COLUMNS if name not in table.column_names]
+    """Check a table against contract 1.x: every 1.0 column present, the later (optional) ones
+    where present, with their types; returns its metadata. Raises TableError."""
+    missing = [name for name in COLUMNS if name not in table.column_names
+               and name not in OPTIONAL_COLUMNS]
     if missing:
         raise TableError(f"missing columns: {', '.join(missing)}")
     for field in SCHEMA:
+        if field.name not in table.column_names:
+            continue
         actual = table.schema.field(field.name).type
         if actual != field.type:
             raise TableError(f"column {field.name} has type {actual}, expected {field.type}")
@@ -113,7 +151,8 @@ def validate_table(table: pa.Table) -> dict[str, Any]:
             raise TableError(f"column {field.name} has nulls")
     meta = read_metadata(table)
     if meta.get("table_version") != TABLE_VERSION:
-        raise TableError(f"table version {meta.get('table_version')!r}, expected {TABLE_VERSION}")
+        raise TableError(f"table version {meta.get('table_version')!r}, expected {TABLE_VERSION} "
+                         f"(any 1.x)")
     ids = table.column("sample_id").to_numpy()
     if not _unique(ids):
         raise TableError("sample_id values are not unique")

@@ -15,7 +15,16 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from raycurv.cli import main
-from raycurv.detection import METRICS, SCORES, detection, evaluate_columns, evaluate_table, targets
+from raycurv.detection import (
+    CO_SCORES,
+    METRICS,
+    SCORES,
+    detection,
+    evaluate_columns,
+    evaluate_table,
+    flagging_scores,
+    targets,
+)
 from raycurv.serve.api import build_api
 from raycurv.serve.prometheus import build_metrics
 from raycurv.serve.registry import RunRegistry
@@ -95,9 +104,34 @@ def test_targets_duplicates_against_clean_samples_only():
     assert list(none["detection"]) == ["corrupted"] and list(none["detection"]["corrupted"]) == ["csl"]
 
 
+def test_co_scores_are_read_in_their_direction():
+    """aum and margin: lower = flagged first; learned_epoch: later first, never learned above
+    every epoch; a sample without a training record (null aum) last; an all-null co-score out."""
+    columns = {"curvature": np.array([1.0, 2.0, 3.0, 4.0]),
+               "aum": np.array([-1.0, 2.0, 0.5, np.nan]),
+               "margin": np.array([-0.1, 0.2, 0.05, np.nan]),
+               "forgetting_events": np.array([2, 0, 1, -1]),
+               "learned_epoch": np.array([-1, 0, 3, -1]),  # sample 0 never learned; 3 no record
+               }
+    flagged = flagging_scores(columns | {"final_loss": np.full(4, np.nan)})
+    assert flagged["curvature"] is columns["curvature"] and np.isnan(flagged["final_loss"]).all()
+    np.testing.assert_array_equal(flagged["aum"], [1.0, -2.0, -0.5, np.nan])
+    np.testing.assert_array_equal(flagged["forgetting_events"], [2, 0, 1, np.nan])
+    np.testing.assert_array_equal(flagged["learned_epoch"], [np.inf, 0, 3, np.nan])
+    positives = np.array([True, False, False, False])
+    found = evaluate_columns({"corrupted": positives, "duplicate_of": np.full(4, -1), **columns})
+    for score in CO_SCORES:  # sample 0 is flagged first by every co-score
+        assert found["detection"]["corrupted"][score]["auroc"] == 1.0, score
+    assert found["detection"]["corrupted"]["curvature"]["auroc"] == 0.0
+    unrecorded = {name: np.full(4, np.nan) for name in CO_SCORES}
+    assert list(flagging_scores(unrecorded | {"csl": np.ones(4)})) == ["csl"]
+    with pytest.raises(ValueError, match="same length"):
+        flagging_scores({"aum": np.ones(4), "csl": np.ones(3)})
+
+
 def _table(n: int, *, noise: float, seed: int) -> pa.Table:
-    """make_table's table (noise, 10 % duplicates, some of them corrupted) with tied curvature
-    and non-finite csl values."""
+    """make_table's table (noise, 10 % duplicates, some of them corrupted) with tied curvature,
+    non-finite csl values and co-scores (some samples never learned, one without a record)."""
     base = make_table(n, seed=seed, noise=noise, run="agree")
     columns = {name: base.column(name).to_numpy(zero_copy_only=False)
                for name in base.column_names if name not in ("rank", "percentile")}
@@ -105,6 +139,13 @@ def _table(n: int, *, noise: float, seed: int) -> pa.Table:
     columns["curvature"] = np.round(columns["curvature"], 1)
     columns["csl"] = columns["csl"].copy()
     columns["csl"][[3, 17]], columns["csl"][5] = np.nan, np.inf
+    rng = np.random.default_rng(seed)
+    columns["aum"] = (rng.normal(size=n) - columns["corrupted"]).astype(np.float32)
+    columns["aum"][7] = np.nan
+    columns["margin"] = np.tanh(columns["aum"])
+    columns["forgetting_events"] = rng.poisson(columns["corrupted"] + 0.5)
+    columns["learned_epoch"] = np.where(rng.random(n) < 0.2, -1, rng.integers(0, 6, n))
+    columns["forgetting_events"][7] = columns["learned_epoch"][7] = -1
     return build_table(columns, read_metadata(base))
 
 
@@ -147,6 +188,10 @@ def test_evaluate_and_the_service_summary_agree(tmp_path, capsys, noise):
     assert served["duplicate", "curvature"]["auroc"] == pytest.approx(
         roc_auc_score(is_dup[clean], curvature[clean]))
     assert served["corrupted", "csl"]["auroc"] is not None  # NaN and inf scores are ranked
+    aum = table.column("aum").to_numpy(zero_copy_only=False)
+    recorded_lowest = np.where(np.isnan(aum), np.nanmin(-aum) - 1, -aum)  # no record: last
+    assert served["corrupted", "aum"]["auroc"] == pytest.approx(
+        roc_auc_score(corrupted, recorded_lowest))
 
 
 async def _service_get(runs, path: str) -> httpx.Response:

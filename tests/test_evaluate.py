@@ -37,7 +37,12 @@ def fake_run(run_dir, *, limit: int = 300, noise: float = 0.1, duplicates: int =
                "corrupted": data.corrupted, "duplicate_of": data.duplicate_of, "curvature": curvature,
                "epochs_scored": np.full(len(data), 3), "csl": curvature * 10 + rng.uniform(0, 1, len(data)),
                "final_loss": curvature + rng.uniform(0, 0.5, len(data)),
-               "final_confidence": np.full(len(data), 0.9), "final_pred": data.original_labels}
+               "final_confidence": np.full(len(data), 0.9), "final_pred": data.original_labels,
+               # co-scores: flagged samples have a low margin and are never learned for good
+               "aum": 2 - 3 * flagged + rng.normal(0, 0.3, len(data)),
+               "margin": np.tanh(2 - 3 * flagged + rng.normal(0, 0.3, len(data))),
+               "forgetting_events": rng.poisson(0.2 + flagged), "learned_epoch":
+               np.where(flagged, -1, rng.integers(0, 3, len(data)))}
     meta = {"run": run_dir.name, "dataset": "digits", "n": len(data), "classes": 10, "epochs": [0, 1, 2]}
     RunFolder(str(run_dir)).write_scores(build_table(columns, meta))
     epochs = np.repeat(np.arange(3, dtype=np.int32), len(data))
@@ -102,9 +107,15 @@ def test_evaluate_with_reference_and_window(run, capsys, tmp_path):
     assert a["k"] == round(0.1 * len(data)) and a["samples"] == len(data)
     assert a["scores"]["curvature"]["top_k_overlap"] > 0.6  # k = 31 of 40 tied at the top of mem
     assert a["scores"]["curvature"]["spearman"] > 0.5
+    assert set(a["scores"]) == {"curvature", "csl", "final_loss", "aum", "margin",
+                                "forgetting_events", "learned_epoch"}
+    # read higher = more memorized: a low aum and never learned agree with a high mem
+    assert a["scores"]["aum"]["spearman"] > 0.5 and a["scores"]["learned_epoch"]["top_k_overlap"] > 0.6
+    assert found["corrupted"]["aum"]["auroc"] > 0.95
     d = m["duplicate_groups"]
     assert d["injected"] == {"copies": 10, "found": 1.0}
     assert d["conflicting_groups"] >= 10 and d["ranking"]["curvature"]["groups_with_member_in_top"] > 0.5
+    assert d["ranking"]["aum"]["groups_with_member_in_top"] > 0.5
     code, out, _ = _cli(capsys, ["evaluate", str(run_dir), "--reference", ref, "--no-duplicates"])
     assert code == 0 and "agreement with the reference" in out and "duplicate groups" not in out
 

@@ -44,6 +44,14 @@ def test_table_follows_the_contract(digits_run):
     assert df.loc[df["curvature"].idxmin(), "percentile"] == 0.0
     assert meta["dataset"] == "digits" and meta["epochs"] == list(range(EPOCHS))
     assert meta["h"] == 0.03 and meta["probes"] == 2 and meta["n"] == 600
+    # the co-scores of contract 1.1, from every epoch's training pass
+    assert (meta["table_minor_version"], meta["train_epochs"]) == (1, EPOCHS)
+    assert np.isfinite(df["aum"]).all() and df["margin"].between(-1, 1).all()
+    assert df["forgetting_events"].between(0, EPOCHS - 1).all()
+    learned = df["learned_epoch"]
+    assert learned.dropna().between(0, EPOCHS - 1).all()
+    # never learned for good = wrong in the last epoch's training pass, whose margin is then <= 0
+    assert learned.isna().sum() > 0 and (df.loc[learned.isna(), "aum"] < df["aum"].median()).mean() > 0.5
     assert json.loads((digits_run / "run.json").read_text())["spec"]["seed"] == 5
 
 

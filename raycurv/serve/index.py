@@ -5,8 +5,9 @@ the highest curvature (the most memorized sample), and ``percentile`` is the sha
 strictly lower curvature. "desc" order lists the most memorized samples first, "asc" the least.
 
 The table is read with :func:`raycurv.runfolder.read_run_scores` (memory-mapped Parquet, validated
-against contract v1); its columns become dense numpy arrays by row position, and rows are sorted
-by sample_id, so a lookup is an index or a binary search and never a scan.
+against contract 1.x; a 1.0 table gets the 1.1 co-score columns, all null); its columns become
+dense numpy arrays by row position (a null count or epoch as -1, a null float as NaN), and rows
+are sorted by sample_id, so a lookup is an index or a binary search and never a scan.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ import pyarrow.compute as pc
 from raycurv.detection import detection_items, evaluate_columns
 from raycurv.runfolder import RunFolder, read_run_scores, run_name
 from raycurv.storage import FileStamp
-from raycurv.table import COLUMNS, SCHEMA, rank_and_percentile, read_metadata
+from raycurv.table import (
+    COLUMNS,
+    NULLABLE_INT_COLUMNS,
+    SCHEMA,
+    rank_and_percentile,
+    read_metadata,
+    with_optional_columns,
+)
 
 Order = Literal["desc", "asc"]
 
@@ -34,9 +42,10 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 
 def _column_numpy(table: pa.Table, name: str) -> np.ndarray:
-    """One column as a contiguous numpy array (nulls of duplicate_of become -1)."""
+    """One column as a contiguous numpy array (nulls of the integer columns become -1, of the
+    float columns NaN)."""
     column = table.column(name)
-    if name == "duplicate_of":
+    if name in NULLABLE_INT_COLUMNS:
         column = column.fill_null(-1)
     array = column.to_numpy()
     if array.dtype == np.bool_ or not array.flags.writeable:
@@ -155,8 +164,9 @@ class TableIndex:
     @classmethod
     def from_table(cls, table: pa.Table, *, run: str, path: str, stamp: FileStamp | None = None,
                    started: float | None = None) -> TableIndex:
-        """Index an already validated contract-v1 table."""
+        """Index an already validated contract-1.x table."""
         started = time.perf_counter() if started is None else started
+        table = with_optional_columns(table)
         metadata = read_metadata(table)
         arrow_bytes = int(table.nbytes)
         columns = {name: _column_numpy(table, name) for name in COLUMNS}
@@ -244,7 +254,7 @@ class TableIndex:
                     text = str(value) if math.isfinite(value) else "null"
                 elif name == "corrupted":
                     text = "true" if value else "false"
-                elif name == "duplicate_of" and value < 0:
+                elif name in NULLABLE_INT_COLUMNS and value < 0:
                     text = "null"
                 else:
                     text = str(int(value))
@@ -266,7 +276,7 @@ class TableIndex:
                 text = pc.if_else(array, "true", "false")
             else:
                 text = pc.cast(array, pa.string())
-                if name == "duplicate_of":
+                if name in NULLABLE_INT_COLUMNS:
                     text = pc.if_else(pc.less(array, 0), "null", text)
                 elif name in self.nonfinite:
                     text = pc.if_else(pc.is_finite(array), text, "null")
@@ -323,6 +333,7 @@ class TableIndex:
             "duplicates": metrics["duplicates"],
             "curvature": _stats(c["curvature"], self.order),
             "csl": _stats(c["csl"]),
+            "aum": _stats(c["aum"]),
             "by_label": by_label,
             "detection": detection_items(metrics),
         }

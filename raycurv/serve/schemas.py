@@ -1,7 +1,10 @@
-"""Typed request and response models of the lookup API (contract v1).
+"""Typed request and response models of the lookup API (contract v1; rows carry the score
+table's contract-1.1 columns).
 
 Direction of the scores: higher ``curvature`` = more memorized; ``rank`` 1 = highest curvature;
-``percentile`` = share of samples with strictly lower curvature, in [0, 1].
+``percentile`` = share of samples with strictly lower curvature, in [0, 1]; lower ``aum`` and
+``margin``, more ``forgetting_events``, a later (or null) ``learned_epoch`` = more likely
+mislabeled or memorized (raycurv.dynamics).
 """
 
 from __future__ import annotations
@@ -46,6 +49,16 @@ class SampleRow(BaseModel):
     final_pred: int = Field(description="prediction of the last model")
     rank: int = Field(description="1 = highest curvature (most memorized)")
     percentile: float = Field(description="share of samples with strictly lower curvature, in [0, 1]")
+    aum: float | None = Field(default=None, description=(
+        "area under the margin: the training pass's logit of the label minus the largest other, "
+        "averaged over epochs; lower = more likely mislabeled; null without a training record"))
+    margin: float | None = Field(default=None, description=(
+        "the same with softmax probabilities, in [-1, 1]; lower = more likely mislabeled"))
+    forgetting_events: int | None = Field(default=None, description=(
+        "correct-to-incorrect transitions between consecutive epochs in the training pass"))
+    learned_epoch: int | None = Field(default=None, description=(
+        "first epoch from which the training pass got the sample right in every later epoch; "
+        "null if it was wrong in the last epoch (or without a training record)"))
 
 
 class LookupRequest(BaseModel):
@@ -162,6 +175,7 @@ class SummaryResponse(BaseModel):
     duplicates: int
     curvature: Stats | None
     csl: Stats | None
+    aum: Stats | None = Field(default=None, description="null for a table without co-scores")
     by_label: list[LabelSummary]
     detection: list[Detection]
 

@@ -1,0 +1,96 @@
+"""The score table contract 1.1: the co-score columns are nullable and come after the 1.0 ones,
+a 1.0 table is still read (its co-scores all null), and version-1 readers read a 1.1 table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from raycurv.detection import evaluate_table
+from raycurv.serve.index import TableIndex
+from raycurv.serve.schemas import SampleRow
+from raycurv.table import (
+    METADATA_KEY,
+    OPTIONAL_COLUMNS,
+    V1_FIELDS,
+    TableError,
+    build_table,
+    read_metadata,
+    validate_table,
+    with_optional_columns,
+)
+from tests.serve_support import make_table
+
+
+def _with_co_scores(n: int = 40) -> pa.Table:
+    base = make_table(n, seed=3)
+    columns = {name: base.column(name).to_numpy(zero_copy_only=False)
+               for name in base.column_names if name not in ("rank", "percentile")}
+    columns["duplicate_of"] = base.column("duplicate_of").fill_null(-1).to_numpy()
+    aum = np.linspace(-2, 3, n).astype(np.float32)
+    aum[5] = np.nan  # a sample without a complete training record
+    columns |= {"aum": aum, "margin": aum / 10, "forgetting_events": np.arange(n) % 3,
+                "learned_epoch": np.where(np.arange(n) % 4 == 0, -1, np.arange(n) % 5)}
+    columns["forgetting_events"][5] = columns["learned_epoch"][5] = -1
+    return build_table(columns, read_metadata(base))
+
+
+def test_co_scores_are_nullable_columns_after_the_v1_ones():
+    table = _with_co_scores()
+    meta = validate_table(table)
+    assert (meta["table_version"], meta["table_minor_version"]) == (1, 1)
+    # a version-1 reader finds its columns first, in order, with their types
+    assert [table.schema.field(i) for i in range(len(V1_FIELDS))] == V1_FIELDS
+    assert table.column_names[len(V1_FIELDS):] == list(OPTIONAL_COLUMNS)
+    assert table.column("aum").null_count == 1 and not table.column("aum").is_valid()[5].as_py()
+    assert table.column("margin").null_count == 1
+    assert table.column("learned_epoch").null_count == 11  # 10 never learned, and sample 5
+    assert table.column("forgetting_events").to_pylist()[4:7] == [1, None, 0]
+
+
+def test_a_table_built_without_co_scores_is_a_1_0_table_read_with_null_co_scores():
+    table = make_table(20)
+    assert table.schema.names == [f.name for f in V1_FIELDS]
+    assert read_metadata(table)["table_minor_version"] == 0
+    meta = read_metadata(table)
+    meta.pop("table_minor_version")  # as raycurv wrote 1.0 tables
+    old = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
+    assert validate_table(old)["table_version"] == 1
+    assert set(evaluate_table(old)["detection"]["corrupted"]) == {"curvature", "csl", "final_loss"}
+    widened = with_optional_columns(old)
+    assert widened.column_names == _with_co_scores().column_names
+    assert all(widened.column(name).null_count == 20 for name in OPTIONAL_COLUMNS)
+    assert with_optional_columns(widened) is widened
+
+
+def test_a_co_score_of_the_wrong_type_or_another_major_version_is_refused():
+    table = _with_co_scores()
+    index = table.schema.get_field_index("forgetting_events")
+    wrong = table.set_column(index, "forgetting_events", table.column(index).cast(pa.float64()))
+    with pytest.raises(TableError, match="forgetting_events has type double"):
+        validate_table(wrong)
+    meta = read_metadata(table) | {"table_version": 2}
+    with pytest.raises(TableError, match="table version 2, expected 1"):
+        validate_table(table.replace_schema_metadata(
+            {METADATA_KEY: json.dumps(meta).encode()}))
+
+
+def test_the_service_serves_the_co_scores_and_null_where_a_table_has_none():
+    index = TableIndex.from_table(_with_co_scores(), run="co", path="co.parquet")
+    rows = json.loads(index.rows_json(np.array([6, 5, 8])))
+    assert rows == [json.loads(index.row_json(p)) for p in (6, 5, 8)]
+    assert [r["forgetting_events"] for r in rows] == [0, None, 2]
+    assert [r["learned_epoch"] for r in rows] == [1, None, None]  # 8: never learned
+    assert rows[0]["aum"] == pytest.approx(float(np.float32(np.linspace(-2, 3, 40)[6])))
+    assert rows[1]["aum"] is None and rows[1]["margin"] is None
+    for row in rows:
+        SampleRow.model_validate(row)
+    summary = index.summary()
+    assert summary["aum"]["min"] == pytest.approx(-2.0)
+    assert {d["score"] for d in summary["detection"]} >= {"aum", "forgetting_events"}
+    old = TableIndex.from_table(make_table(10), run="old", path="old.parquet")
+    row = json.loads(old.row_json(0))
+    assert all(row[name] is None for name in OPTIONAL_COLUMNS) and old.summary()["aum"] is None
