@@ -17,6 +17,7 @@ ASSETS = {  # path -> (file, media type)
     "/": ("index.html", "text/html; charset=utf-8"),
     "/ui/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/ui/app.css": ("app.css", "text/css; charset=utf-8"),
+    "/ui/icon.svg": ("icon.svg", "image/svg+xml"),
 }
 PUBLIC_PATHS = frozenset(ASSETS)  # besides /healthz, the paths that need no token
 AUTH_PLACEHOLDER = b"{{AUTH}}"
