@@ -115,6 +115,17 @@ def run_app(settings, *, name: str) -> str:
     return url
 
 
+def scrape_ray_metrics() -> str:
+    """What Prometheus would scrape from the session cluster's node: its metrics export port."""
+    import urllib.request
+
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
 def wait_until(predicate: Callable[[], object], *, timeout_s: float = 20.0,
                every_s: float = 0.2) -> object:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
