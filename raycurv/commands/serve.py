@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                             ingress=args.ingress)
     auth = "bearer token required" if settings.token else "no token (open)"
     print(f"raycurv serve: serving at {service.url} (ingress {args.ingress}, {settings.replicas} "
-          f"replica(s), {auth}); Ctrl-C stops", flush=True)
+          f"replica(s), {auth}); browser UI at {service.url}/; Ctrl-C stops", flush=True)
     import signal
 
     def interrupt(signum: int, frame: object) -> None:
