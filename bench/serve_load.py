@@ -1,16 +1,23 @@
-"""Load benchmark of the lookup service against a bare Ray Serve deployment, side by side.
+"""Load benchmark of the lookup service, side by side with a bare Ray Serve deployment and with
+the same FastAPI app under plain uvicorn (no Ray), on the same machine, with its own asyncio client.
 
-For each Ray Serve ingress option (plain proxy, RAY_SERVE_THROUGHPUT_OPTIMIZED=1, the HAProxy
-ingress RAY_SERVE_ENABLE_HA_PROXY=1, and both), a fresh local Ray cluster runs two applications:
-the lookup service over a synthetic table, and a bare deployment that returns a constant. Each
-is loaded with single-sample GETs at 1, 16 and 64 concurrent keep-alive clients (loopback only,
-bounded in time and count); then 10,000-id batch lookups are timed (Server-Timing header). A
-10-million-row table is loaded in a separate process for load time and resident memory.
+- Ray: for each Ray Serve ingress option given (default: raycurv serve's, HAProxy + throughput
+  optimized), a fresh local Ray cluster runs the lookup service over a synthetic 100k-row table
+  and a digits run with images, and a bare deployment that returns a constant. Each is loaded
+  with single-sample GETs at 1, 16 and 64 concurrent keep-alive clients (loopback only, bounded
+  in time and count); then 10,000-id batch lookups are timed (Server-Timing header, inside the
+  app) and a cached 32x32 image is fetched by one client (latency p50).
+- Plain: the service's own FastAPI app (raycurv.serve.api.build_api, same handlers and
+  middleware) under uvicorn in a process of its own, loaded the same way.
+- A 10-million-row table is loaded into the index in a separate process: seconds, and resident
+  memory against the table's Arrow size.
 
-Targets: service >= 0.8x bare throughput; batch of 10,000 < 50 ms server-side; 10M rows load
-< 5 s with resident memory < 1.5x the table's Arrow size. Prints a table, then ONE line of JSON.
+Targets (issue 15): service >= 0.8x bare and >= 0.9x plain at 16 and 64 clients; a 10,000-id
+batch < 50 ms server-side; 10M rows loaded in < 5 s at < 1.5x their Arrow size; image p50 < 20 ms
+for a cached 32x32 image. Prints a table, then ONE line of JSON (vs_bare_16, vs_bare_64,
+vs_plain_16, vs_plain_64, batch_10k_ms, load_10m_s, load_10m_rss_ratio, image_p50_ms, targets).
 
-    python bench/serve_load.py [--modes proxy haproxy] [--seconds 3] [--big-rows 10000000]
+    python bench/serve_load.py [--modes proxy haproxy-throughput] [--seconds 3] [--big-rows 10000000]
 """
 
 from __future__ import annotations
@@ -145,7 +152,12 @@ def batch_timing(port: int, path: str, ids: list[int], *, repeats: int = 8) -> d
             "client_ms": round(client[len(client) // 2], 2), "rows": rows}
 
 
-# --- one ingress option, in a child process with its own Ray cluster ------------------------
+# --- servers: a Ray cluster per ingress option, the same app under plain uvicorn ----------------
+
+RUNS_ENV = "RAYCURV_BENCH_RUNS"
+BENCH_RUN, IMAGE_RUN = "bench", "images"
+IMAGE_SIDE = 32
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -158,7 +170,7 @@ def _wait_http(port: int, path: str, timeout_s: float = 120.0) -> None:
     while time.monotonic() < deadline:
         try:
             with socket.create_connection((HOST, port), timeout=2) as sock:
-                sock.sendall(_request("GET", path) + b"")
+                sock.sendall(_request("GET", path))
                 if b" 200 " in sock.recv(200):
                     return
         except OSError:
@@ -167,8 +179,22 @@ def _wait_http(port: int, path: str, timeout_s: float = 120.0) -> None:
     raise TimeoutError(f"{path} on port {port} not ready after {timeout_s}s")
 
 
-def child_mode(mode: str, runs: Path, rows: int, seconds: float) -> dict:
-    """Measure one ingress option: bare vs service at each concurrency, and the 10k batch."""
+def _sample_paths(rows: int, count: int = 4096) -> list[str]:
+    rng = random.Random(0)
+    return [f"/v1/runs/{BENCH_RUN}/samples/{rng.randrange(rows)}" for _ in range(count)]
+
+
+def image_p50(port: int, sample_ids: list[int], seconds: float) -> dict[str, float]:
+    """One client fetching cached 32x32 PNGs: every image is fetched once first (the run's
+    images load and the PNGs are cached), then the latency of repeated fetches."""
+    paths = [f"/v1/runs/{IMAGE_RUN}/samples/{i}/image?size={IMAGE_SIDE}" for i in sample_ids]
+    for path in paths:
+        _wait_http(port, path)
+    return load(port, paths, clients=1, seconds=seconds)
+
+
+def child_mode(mode: str, runs: Path, rows: int, seconds: float, image_ids: list[int]) -> dict:
+    """Measure one ingress option: bare vs service at each concurrency, the 10k batch, images."""
     from raycurv.serve.launch import apply_ingress_env
 
     apply_ingress_env(mode)  # before Ray starts, so every Serve process sees it
@@ -196,18 +222,18 @@ def child_mode(mode: str, runs: Path, rows: int, seconds: float) -> dict:
         serve.run(build_app(settings), name="raycurv", route_prefix="/")
         _wait_http(port, "/healthz")
         _wait_http(port, "/bare")
-        rng = random.Random(0)
-        sample_paths = [f"/v1/runs/bench/samples/{rng.randrange(rows)}" for _ in range(4096)]
-        result: dict = {"mode": mode, "port": port, "levels": {}}
+        paths = _sample_paths(rows)
+        result: dict = {"mode": mode, "levels": {}}
         for clients in CONCURRENCY:
             bare = load(port, ["/bare"], clients=clients, seconds=seconds)
-            service = load(port, sample_paths, clients=clients, seconds=seconds)
+            service = load(port, paths, clients=clients, seconds=seconds)
             result["levels"][str(clients)] = {
                 "bare": bare, "service": service,
                 "ratio": round(service["rps"] / bare["rps"], 3) if bare["rps"] else None,
             }
-        ids = [rng.randrange(rows) for _ in range(10_000)]
-        result["batch_10k"] = batch_timing(port, "/v1/runs/bench/samples:lookup", ids)
+        ids = [random.Random(1).randrange(rows) for _ in range(10_000)]
+        result["batch_10k"] = batch_timing(port, f"/v1/runs/{BENCH_RUN}/samples:lookup", ids)
+        result["image"] = image_p50(port, image_ids, seconds)
         return result
     finally:
         try:
@@ -216,10 +242,39 @@ def child_mode(mode: str, runs: Path, rows: int, seconds: float) -> dict:
             ray.shutdown()
 
 
+def plain_app():
+    """The service's FastAPI app over $RAYCURV_BENCH_RUNS, for uvicorn --factory (no Ray)."""
+    from raycurv.serve.api import build_api
+    from raycurv.serve.prometheus import build_metrics
+    from raycurv.serve.registry import RunRegistry
+    from raycurv.serve.settings import build_settings
+
+    settings = build_settings(runs=[os.environ[RUNS_ENV]], reload_interval_s=60, environ={})
+    metrics = build_metrics()
+    registry = RunRegistry(sources=settings.runs, metrics=metrics)
+    registry.refresh()
+    return build_api(registry=registry, settings=settings, metrics=metrics, reload=False)
+
+
+def child_plain(runs: Path, rows: int, seconds: float) -> dict:
+    """The same app under uvicorn (uvloop, httptools, no access log) in a process of its own."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "bench.serve_load:plain_app", "--factory",
+         "--host", HOST, "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        cwd=ROOT, env={**os.environ, RUNS_ENV: str(runs), "PYTHONPATH": str(ROOT)})
+    try:
+        _wait_http(port, "/healthz")
+        paths = _sample_paths(rows)
+        return {"levels": {str(c): load(port, paths, clients=c, seconds=seconds)
+                           for c in CONCURRENCY}}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def child_big(path: Path) -> dict:
     """Load a big table into a TableIndex: seconds, and resident memory against Arrow size."""
-    import numpy as np
-
     from raycurv.serve.index import TableIndex
 
     def rss() -> int:
@@ -231,19 +286,15 @@ def child_big(path: Path) -> dict:
     index = TableIndex.load(path)
     load_s = time.perf_counter() - started
     resident = rss() - before
-    started = time.perf_counter()
-    np.unique(np.arange(index.rows))  # what raycurv.table.validate_table's uniqueness check costs
-    unique_s = time.perf_counter() - started
     return {"rows": index.rows, "load_s": round(load_s, 2),
             "index_build_s": round(index.load_seconds, 2),
-            "validate_unique_s": round(unique_s, 2),
             "arrow_mb": round(index.arrow_bytes / 1e6, 1), "rss_mb": round(resident / 1e6, 1),
             "rss_ratio": round(resident / index.arrow_bytes, 3)}
 
 
 # --- the parent: tables, children, the verdict ----------------------------------------------
 
-def synthetic_table(rows: int, *, seed: int = 0, run: str = "bench"):
+def synthetic_table(rows: int, *, seed: int = 0, run: str = BENCH_RUN):
     """A contract-v1 table of ``rows`` samples, 10 classes, 10% noisy labels."""
     import numpy as np
 
@@ -263,6 +314,18 @@ def synthetic_table(rows: int, *, seed: int = 0, run: str = "bench"):
     }, {"run": run, "dataset": "synthetic", "n": rows})
 
 
+def write_runs(work: Path, rows: int) -> tuple[Path, list[int]]:
+    """The served runs: a synthetic table, and a digits run whose images the service rebuilds
+    (tests.serve_support's, scores random); returns the folder and some of its image ids."""
+    from raycurv.runfolder import RunFolder
+    from tests.serve_support import write_image_run
+
+    runs = work / "runs"
+    RunFolder(str(runs / BENCH_RUN)).write_scores(synthetic_table(rows))
+    _, table = write_image_run(runs, IMAGE_RUN, limit=None, noise=0.1, duplicates=0)
+    return runs, table.column("sample_id").to_pylist()[:64]
+
+
 def _child(argv: list[str], timeout_s: float) -> dict:
     out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
                          timeout=timeout_s, cwd=ROOT)
@@ -273,55 +336,41 @@ def _child(argv: list[str], timeout_s: float) -> dict:
     return json.loads(lines[-1])
 
 
-def _geomean(values) -> float:
-    values = [max(v, 1e-9) for v in values]
-    product = 1.0
-    for v in values:
-        product *= v
-    return product ** (1 / len(values))
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement (3)")
-    parser.add_argument("--rows", type=int, default=100_000, help="rows of the served table")
-    parser.add_argument("--big-rows", type=int, default=10_000_000, help="0 skips the big load")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--child-big", help=argparse.SUPPRESS)
-    parser.add_argument("--runs", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child_mode(args.child, Path(args.runs), args.rows, args.seconds)))
-        return 0
-    if args.child_big:
-        print(json.dumps(child_big(Path(args.child_big))))
-        return 0
+def verdict(results: dict, plain: dict, big: dict, mode: str | None) -> dict:
+    """The named figures of ``mode``'s run (None: nothing measured) and whether each meets its
+    target."""
+    chosen = results.get(mode, {})
+    svc = {c: lv["service"]["rps"] for c, lv in chosen.get("levels", {}).items()}
+    bare = {c: lv["bare"]["rps"] for c, lv in chosen.get("levels", {}).items()}
+    plain_rps = {c: lv["rps"] for c, lv in plain.get("levels", {}).items()}
+    figures = {
+        "mode": mode,
+        "vs_bare_16": _ratio(svc.get("16"), bare.get("16")),
+        "vs_bare_64": _ratio(svc.get("64"), bare.get("64")),
+        "vs_plain_16": _ratio(svc.get("16"), plain_rps.get("16")),
+        "vs_plain_64": _ratio(svc.get("64"), plain_rps.get("64")),
+        "batch_10k_ms": chosen.get("batch_10k", {}).get("server_ms"),
+        "load_10m_s": big.get("load_s"),
+        "load_10m_rss_ratio": big.get("rss_ratio"),
+        "image_p50_ms": chosen.get("image", {}).get("p50_ms"),
+        "service_rps": svc, "bare_rps": bare, "plain_rps": plain_rps,
+    }
+    limits = {"vs_bare_16": (">=", 0.8), "vs_bare_64": (">=", 0.8), "vs_plain_16": (">=", 0.9),
+              "vs_plain_64": (">=", 0.9), "batch_10k_ms": ("<", 50), "load_10m_s": ("<", 5),
+              "load_10m_rss_ratio": ("<", 1.5), "image_p50_ms": ("<", 20)}
+    figures["targets"] = {
+        name: None if figures[name] is None else
+        (figures[name] >= limit if op == ">=" else figures[name] < limit)
+        for name, (op, limit) in limits.items()}
+    return figures
 
-    from raycurv.runfolder import RunFolder
 
-    work = Path(tempfile.mkdtemp(prefix="raycurv-bench-"))
-    RunFolder(str(work / "runs" / "bench")).write_scores(synthetic_table(args.rows))
-    results = {}
-    for mode in args.modes:
-        started = time.monotonic()
-        results[mode] = _child(["--child", mode, "--runs", str(work / "runs"), "--rows",
-                                str(args.rows), "--seconds", str(args.seconds)], timeout_s=300)
-        results[mode]["wall_s"] = round(time.monotonic() - started, 1)
-        print(f"{mode}: {json.dumps(results[mode])}", file=sys.stderr, flush=True)
-
-    big = {}
-    if args.big_rows:
-        started = time.perf_counter()
-        RunFolder(str(work / "big")).write_scores(synthetic_table(args.big_rows, run="big"))
-        big = _child(["--child-big", str(work / "big")], timeout_s=300)
-        big["write_s"] = round(time.perf_counter() - started, 1)
-
-    ok = {m: r for m, r in results.items() if "levels" in r}
-    # the winner: highest geometric mean of the service's throughput over 1, 16 and 64 clients
-    winner = max(ok, key=lambda m: _geomean(lv["service"]["rps"] for lv in ok[m]["levels"].values())
-                 ) if ok else None
-    print(f"{'mode':20} {'clients':>7} {'bare rps':>9} {'svc rps':>8} {'ratio':>6} "
+def _print_table(results: dict, plain: dict, big: dict) -> None:
+    print(f"{'server':20} {'clients':>7} {'bare rps':>9} {'svc rps':>8} {'ratio':>6} "
           f"{'svc p50':>8} {'svc p99':>8}")
     for mode, result in results.items():
         if "levels" not in result:
@@ -332,32 +381,72 @@ def main() -> int:
             print(f"{mode:20} {clients:>7} {level['bare']['rps']:>9} {s['rps']:>8} "
                   f"{level['ratio']:>6} {s['p50_ms']:>8} {s['p99_ms']:>8}")
         print(f"{mode:20} batch of 10,000: {result['batch_10k']['server_ms']} ms server-side, "
-              f"{result['batch_10k']['client_ms']} ms at the client")
+              f"{result['batch_10k']['client_ms']} ms at the client; cached {IMAGE_SIDE}x"
+              f"{IMAGE_SIDE} image p50 {result['image']['p50_ms']} ms")
+    for clients, level in plain.get("levels", {}).items():
+        print(f"{'plain uvicorn':20} {clients:>7} {'':>9} {level['rps']:>8} {'':>6} "
+              f"{level['p50_ms']:>8} {level['p99_ms']:>8}")
+    if "error" in plain:
+        print(f"plain uvicorn failed: {plain['error']}")
     if big:
         print(f"10M-row table: {json.dumps(big)}")
-    summary = {
-        "winner": winner,
-        "modes": {m: {"ratio": {c: lv["ratio"] for c, lv in r["levels"].items()},
-                      "service_rps": {c: lv["service"]["rps"] for c, lv in r["levels"].items()},
-                      "bare_rps": {c: lv["bare"]["rps"] for c, lv in r["levels"].items()},
-                      "service_p50_ms": {c: lv["service"]["p50_ms"] for c, lv in r["levels"].items()},
-                      "service_p99_ms": {c: lv["service"]["p99_ms"] for c, lv in r["levels"].items()},
-                      "errors": sum(lv["service"]["errors"] + lv["bare"]["errors"]
-                                    for lv in r["levels"].values()),
-                      "batch_10k_server_ms": r["batch_10k"]["server_ms"]}
-                  if "levels" in r else {"error": r.get("error")}
-                  for m, r in results.items()},
-        "big_table": big,
-    }
-    if winner:
-        w = ok[winner]
-        summary["targets"] = {
-            "ratio_ge_0.8": all(lv["ratio"] >= 0.8 for lv in w["levels"].values()),
-            "batch_10k_lt_50ms": w["batch_10k"]["server_ms"] < 50,
-            "big_load_lt_5s": bool(big) and big.get("load_s", 1e9) < 5,
-            "big_rss_lt_1.5x": bool(big) and big.get("rss_ratio", 1e9) < 1.5,
-        }
-    print(json.dumps(summary, separators=(",", ":")))
+
+
+def main() -> int:
+    from raycurv.serve.launch import DEFAULT_INGRESS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=[DEFAULT_INGRESS],
+                        help=f"Ray Serve ingress options to measure ({DEFAULT_INGRESS}, "
+                             "raycurv serve's default; the first one gives the named figures)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement (3)")
+    parser.add_argument("--rows", type=int, default=100_000, help="rows of the served table")
+    parser.add_argument("--big-rows", type=int, default=10_000_000, help="0 skips the big load")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-plain", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-big", help=argparse.SUPPRESS)
+    parser.add_argument("--runs", help=argparse.SUPPRESS)
+    parser.add_argument("--image-ids", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        ids = [int(i) for i in args.image_ids.split(",")]
+        print(json.dumps(child_mode(args.child, Path(args.runs), args.rows, args.seconds, ids)))
+        return 0
+    if args.child_plain:
+        print(json.dumps(child_plain(Path(args.runs), args.rows, args.seconds)))
+        return 0
+    if args.child_big:
+        print(json.dumps(child_big(Path(args.child_big))))
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="raycurv-bench-"))
+    runs, image_ids = write_runs(work, args.rows)
+    common = ["--runs", str(runs), "--rows", str(args.rows), "--seconds", str(args.seconds)]
+    started = time.monotonic()
+    plain = _child(["--child-plain", *common], timeout_s=300)
+    plain["wall_s"] = round(time.monotonic() - started, 1)
+    print(f"plain uvicorn: {json.dumps(plain)}", file=sys.stderr, flush=True)
+    results = {}
+    for mode in args.modes:
+        started = time.monotonic()
+        results[mode] = _child(["--child", mode, *common,
+                                "--image-ids", ",".join(map(str, image_ids))], timeout_s=300)
+        results[mode]["wall_s"] = round(time.monotonic() - started, 1)
+        print(f"{mode}: {json.dumps(results[mode])}", file=sys.stderr, flush=True)
+
+    big = {}
+    if args.big_rows:
+        from raycurv.runfolder import RunFolder
+
+        started = time.perf_counter()
+        RunFolder(str(work / "big")).write_scores(synthetic_table(args.big_rows, run="big"))
+        big = _child(["--child-big", str(work / "big")], timeout_s=300)
+        big["write_s"] = round(time.perf_counter() - started, 1)
+
+    _print_table(results, plain, big)
+    measured = [m for m in args.modes if "levels" in results[m]]
+    print(json.dumps(verdict(results, plain, big, measured[0] if measured else None),
+                     separators=(",", ":")))
     return 0
 
 
