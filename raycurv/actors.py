@@ -164,8 +164,13 @@ class ShardScorer:
 class CurvatureActor:
     """A ShardScorer in its own process; restarts reload the shard's state from storage."""
 
-    def __init__(self, spec: ShardSpec, shard: dict[str, np.ndarray], run: str):
+    def __init__(self, spec: ShardSpec, shard: dict[str, Any], run: str):
+        """``shard``: the shard's arrays (images, labels, sample_ids), or ``store``, a prepared
+        dataset (raycurv.data.plane.Store) to read only the shard's rows from."""
         self.run = run
+        if "store" in shard:
+            rows = shard["store"].read_rows(spec.start, spec.stop)
+            shard = {"images": rows["image"], "labels": rows["label"], "sample_ids": rows["sample_id"]}
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.scorer = ShardScorer(spec, shard["images"], shard["labels"], shard["sample_ids"],
                                   device=device)
@@ -235,7 +240,8 @@ def start_pool(spec: ScoreSpec, data: Prepared) -> CurvaturePool:
     actors, refs = [], []
     for shard_spec in shard_specs(spec, data):
         start, stop = shard_spec.start, shard_spec.stop
-        shard = ray.put({"images": data.images[start:stop], "labels": data.labels[start:stop],
+        shard = ray.put({"store": data.store} if data.images is None else
+                        {"images": data.images[start:stop], "labels": data.labels[start:stop],
                          "sample_ids": data.sample_ids[start:stop]})
         refs.append(shard)
         actors.append(CurvatureActor.options(num_cpus=c.actor_cpus, num_gpus=c.actor_gpus,

@@ -174,7 +174,7 @@ def find_run_duplicates(folder: RunFolder, table: pa.Table, threshold: float):
     from raycurv.duplicates import find_duplicates  # torch and a nearest-neighbour index: only here
 
     data = load_run_data(folder, table)
-    return find_duplicates(data.images, data.labels, scale=data.norm.scale, threshold=threshold)
+    return find_duplicates(data.load_images(), data.labels, scale=data.norm.scale, threshold=threshold)
 
 
 def load_run_table(run: str, epochs: str | None = None) -> tuple[RunFolder, pa.Table]:

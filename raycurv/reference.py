@@ -358,7 +358,7 @@ def estimate(spec: ReferenceSpec, *, address: str | None = None, progress=print)
     data = check_spec(spec)
     ensure_ray(address, cpus_needed=spec.task_cpus)
     check_resources(cpus=spec.task_cpus, gpus=spec.task_gpus)
-    inputs = to_input(data.images, data.norm).numpy()
+    inputs = to_input(data.load_images(), data.norm).numpy()
     total = _run_tasks(spec, inputs, data.labels, data.num_classes, progress)
     seconds = time.perf_counter() - started
     summary = {"models": spec.models, "tasks": len(_task_groups(spec.models, spec.models_per_task)),

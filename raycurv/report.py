@@ -288,7 +288,7 @@ def _thumbnails(data, cols: dict[str, np.ndarray], top: int, dups, folder: Path)
     if dups is not None:
         groups = {int(dups.group[p]) for p in shown if dups.group[p] >= 0}
         shown |= {int(m) for g in groups for m in dups.groups[g].members}
-    return {int(cols["sample_id"][p]): _thumbnail(data.images[p], data.norm.scale,
+    return {int(cols["sample_id"][p]): _thumbnail(data.image_at(p), data.norm.scale,
                                                   folder / f"{int(cols['sample_id'][p])}.png")
             for p in sorted(shown)}
 
@@ -348,7 +348,7 @@ def make_report(run: str, out: str | None = None, *, top: int = 100, reference: 
     data = load_run_data(folder, table) if folder.read_record() else None
     dups = None
     if data is not None and duplicates:
-        dups = find_duplicates(data.images, data.labels, scale=data.norm.scale,
+        dups = find_duplicates(data.load_images(), data.labels, scale=data.norm.scale,
                                threshold=NEAR_THRESHOLD if threshold is None else threshold)
     metrics = collect_metrics(table, reference=ref, dups=dups, epochs=epochs)
     cols = table_columns(table) | {k: table.column(k).to_numpy() for k in ("final_pred", "percentile")}

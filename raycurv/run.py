@@ -19,7 +19,7 @@ from raycurv import storage
 from raycurv.actors import merge_states, start_pool
 from raycurv.cluster import check_resources, ensure_ray
 from raycurv.config import ScoreSpec
-from raycurv.data import Prepared, materialize, prepare_dataset
+from raycurv.data import Prepared, materialize, plane, prepare_dataset
 from raycurv.data.sharding import actor_shards
 from raycurv.detection import evaluate_table
 from raycurv.errors import UsageError
@@ -118,6 +118,7 @@ def score_run(spec: ScoreSpec, *, address: str | None = None,
     resuming = check_run_dir(spec, data)
     t, c = spec.train, spec.curvature
     cpus = t.workers * t.cpus_per_worker + c.actors * c.actor_cpus
+    cpus += plane.STREAM_CPUS if data.images is None else 0.0  # Ray Data's read tasks
     ensure_ray(address, cpus_needed=cpus)
     check_resources(cpus=cpus, gpus=t.workers * t.gpus_per_worker + c.actors * c.actor_gpus)
     folder = RunFolder(spec.run_dir)

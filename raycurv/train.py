@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 import ray
 import ray.train
 import torch
+from ray.data import DataContext
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
@@ -30,6 +31,7 @@ from torch.nn import functional as F
 from raycurv import storage
 from raycurv.config import ScoreSpec
 from raycurv.data import Normalization, Prepared
+from raycurv.data.plane import images_of
 from raycurv.data.sharding import epoch_batches
 from raycurv.data.transforms import augment, crop_padding, to_input
 from raycurv.dynamics import TRAINING_RECORDS, training_margins
@@ -88,8 +90,10 @@ def _maybe_fault(config: dict[str, Any], epoch: int, rank: int) -> None:
 class TrainData:
     """What the training loop needs of a prepared dataset; put in the object store once."""
 
-    images: np.ndarray  # (N, C, H, W) raw, as raycurv.data.Prepared holds them
+    images: np.ndarray | None  # (N, C, H, W) raw; None: streamed from the "train" dataset
     labels: np.ndarray  # (N,) int64, the labels trained on
+    sample_ids: np.ndarray  # (N,) increasing: a streamed batch's sample ids -> positions
+    shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int
     norm: Normalization
     augment: bool  # random crop + flip in training (never in scoring)
@@ -97,8 +101,32 @@ class TrainData:
 
     @classmethod
     def of(cls, data: Prepared) -> TrainData:
-        return cls(images=data.images, labels=data.labels, num_classes=data.num_classes,
-                   norm=data.norm, augment=data.augment, flip=data.flip)
+        return cls(images=data.images, labels=data.labels, sample_ids=data.sample_ids,
+                   shape=data.input_shape, num_classes=data.num_classes, norm=data.norm,
+                   augment=data.augment, flip=data.flip)
+
+
+SHUFFLE_BATCHES = 16  # a streamed dataset is shuffled within a buffer of this many batches
+
+
+def epoch_data(data: TrainData, *, world: int, rank: int, batch_size: int, seed: int,
+               epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """This worker's training batches of one epoch: (positions (B,), raw images (B, C, H, W),
+    labels (B,)). In memory: a seeded permutation dealt to the workers (raycurv.data.sharding).
+    Streamed: this worker's split of Ray Train's "train" dataset (equal row counts per worker, as
+    DDP needs), shuffled within a seeded buffer; the batches carry their sample ids, so every
+    per-sample record lands on its sample whichever worker trained it."""
+    if data.images is not None:
+        for positions in epoch_batches(len(data.labels), world_size=world, rank=rank,
+                                       batch_size=batch_size, seed=seed, epoch=epoch):
+            yield positions, data.images[positions], data.labels[positions]
+        return
+    shard = ray.train.get_dataset_shard("train")
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                    local_shuffle_buffer_size=SHUFFLE_BATCHES * batch_size,
+                                    local_shuffle_seed=seed * 1_000_003 + epoch * 1_009 + rank):
+        yield (np.searchsorted(data.sample_ids, batch["sample_id"]),
+               images_of(batch["image"], data.shape), batch["label"])
 
 
 def _train_epoch(model, opt, data: TrainData, batches, *, device, generator, pad):
@@ -108,11 +136,11 @@ def _train_epoch(model, opt, data: TrainData, batches, *, device, generator, pad
     records = np.zeros((len(TRAINING_RECORDS), len(data.labels)), dtype=np.float64)
     correct = 0
     model.train()
-    for positions in batches:
-        x = to_input(data.images[positions], data.norm, device=device)
+    for positions, images, labels in batches:
+        x = to_input(images, data.norm, device=device)
         if data.augment:
             x = augment(x, generator=generator, pad=pad, flip=data.flip)
-        y = torch.as_tensor(data.labels[positions], device=device)
+        y = torch.as_tensor(labels, device=device)
         logits = model(x)
         per_sample = F.cross_entropy(logits, y, reduction="none")
         opt.zero_grad(set_to_none=True)
@@ -134,8 +162,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(spec.seed)  # the same initial weights on every worker
-    model = build_model(spec.train.model, in_channels=data.images.shape[1],
-                        num_classes=data.num_classes)
+    model = build_model(spec.train.model, in_channels=data.shape[0], num_classes=data.num_classes)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     t = spec.train
@@ -146,13 +173,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     n = len(data.labels)
     folder = RunFolder(spec.run_dir)
     pending = _catch_up(pool, folder, start) if pool is not None and rank == 0 else []
-    pad = crop_padding(data.images.shape[2])
+    pad = crop_padding(data.shape[1])
     for epoch in range(start, t.epochs):
         _maybe_fault(config, epoch, rank)
         tic = time.perf_counter()
         generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch * 1_009 + rank)
-        batches = epoch_batches(n, world_size=world, rank=rank, batch_size=t.batch_size,
-                                seed=spec.seed, epoch=epoch)
+        batches = epoch_data(data, world=world, rank=rank, batch_size=t.batch_size,
+                             seed=spec.seed, epoch=epoch)
         records, correct = _train_epoch(model, opt, data, batches, device=device,
                                         generator=generator, pad=pad)
         sched.step()
@@ -256,8 +283,12 @@ def fit(spec: ScoreSpec, data: Prepared, pool, *, extra_config: dict[str, Any] |
     ``extra_config`` reaches the loop (test hooks). Returns Ray Train's Result."""
     t = spec.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})}
+    datasets = None
+    if data.store is not None:  # streamed: Ray Train splits it among the workers
+        DataContext.get_current().execution_options.preserve_order = True  # same order every run
+        datasets = {"train": data.store.dataset()}
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop_per_worker, datasets=datasets,
         train_loop_config={"spec": spec.model_dump(mode="json"), "data": ray.put(TrainData.of(data)),
                            "pool": pool, **(extra_config or {})},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.gpus_per_worker > 0,

@@ -9,11 +9,10 @@ import torch
 
 from raycurv.config import DataSpec
 from raycurv.data import prepare_dataset
-from raycurv.data.sharding import epoch_batches
 from raycurv.data.transforms import crop_padding
 from raycurv.dynamics import CO_SCORES, TRAINING_RECORDS, co_scores, training_margins
 from raycurv.models import build_model
-from raycurv.train import TrainData, _train_epoch
+from raycurv.train import TrainData, _train_epoch, epoch_data
 
 
 def test_margins_are_the_label_minus_the_largest_other():
@@ -55,8 +54,9 @@ def test_the_training_pass_records_loss_and_margins_of_the_same_logits():
     torch.manual_seed(0)
     model = build_model("small_cnn", in_channels=1, num_classes=10)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    batches = epoch_batches(len(data), world_size=1, rank=0, batch_size=32, seed=0, epoch=0)
-    records, correct = _train_epoch(model, opt, TrainData.of(data), batches, device="cpu",
+    payload = TrainData.of(data)
+    batches = epoch_data(payload, world=1, rank=0, batch_size=32, seed=0, epoch=0)
+    records, correct = _train_epoch(model, opt, payload, batches, device="cpu",
                                     generator=torch.Generator().manual_seed(0),
                                     pad=crop_padding(8))
     assert records.shape == (len(TRAINING_RECORDS), 200)

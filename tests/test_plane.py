@@ -141,3 +141,61 @@ def test_parquet_dataset_on_object_storage(ray_cluster, s3_env):
     data = materialize(prepare_dataset(spec, seed=0), "s3://raycurv/plane-store", seed=0)
     np.testing.assert_array_equal(data.store.read_rows(0, 10)["image"][:, 0], np.stack(images))
     assert data.paths[0] == "s3://raycurv/plane-src/part-0.parquet#0"
+
+
+@pytest.mark.slow
+def test_a_run_on_object_storage_end_to_end(ray_cluster, s3_env, capsys):
+    """A Parquet dataset of several files on s3://, scored into an s3:// run folder; evaluate,
+    report, query and the service read the run from there; the same command again resumes."""
+    from ray import serve
+
+    from raycurv.cli import main
+    from raycurv.serve.settings import build_settings
+    from tests.serve_support import run_app
+
+    fs = storage.filesystem("s3://raycurv/e2e-src")
+    write_parquet_dataset("raycurv/e2e-src", files=3, rows=40, filesystem=fs)
+    run = "s3://raycurv/runs/e2e"
+    argv = ["score", "--dataset", "parquet", "--data-root", "s3://raycurv/e2e-src",
+            "--path-column", "name", "--noise", "0.1", "--epochs", "2", "--run-dir", run]
+    assert main(argv) == 0
+    assert storage.is_file(f"{run}/scores.parquet") and storage.is_file(f"{run}/data/manifest.json")
+    table = storage.read_parquet(f"{run}/scores.parquet")
+    assert table.num_rows == 120
+    capsys.readouterr()
+    assert main(["evaluate", run, "--json"]) == 0
+    assert '"corrupted": 12' in capsys.readouterr().out
+    assert main(["report", run, "--top", "5"]) == 0
+    assert storage.is_file(f"{run}/report/index.html")
+    capsys.readouterr()
+    assert main(["query", run, "3", "--json"]) == 0
+    assert '"sample_id": 3' in capsys.readouterr().out
+    url = run_app(build_settings(runs=[run], environ={}), name="s3-run")
+    try:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"{url}/v1/runs/e2e/samples/3", timeout=30) as answer:
+            assert json.loads(answer.read())["sample"]["sample_id"] == 3
+    finally:
+        serve.delete("s3-run")
+    before = storage.read_bytes(f"{run}/scores.parquet")
+    assert main(argv) == 0  # resumes: nothing retrained, the same scores
+    again = storage.read_parquet(f"{run}/scores.parquet")
+    for column in ("sample_id", "label", "curvature", "csl"):
+        assert again.column(column).equals(table.column(column)), column
+    assert before is not None
+
+
+@pytest.mark.slow
+def test_a_mixed_size_image_folder_scores_with_image_size(ray_cluster, mixed_folder, tmp_path):
+    from raycurv.cli import main
+
+    run = tmp_path / "run"
+    assert main(["score", "--dataset", "imagefolder", "--data-root", str(mixed_folder),
+                 "--image-size", "32", "--epochs", "2", "--score-batch-size", "8",
+                 "--run-dir", str(run)]) == 0
+    store = plane.Store.open(str(run / "data"))
+    assert store.shape == (3, 32, 32) and len(store) == 12
+    paths = pq.read_table(run / "data" / store.parts[0], columns=["path"]).column("path").to_pylist()
+    assert paths == sorted(str(p) for p in mixed_folder.glob("*/*") if p.suffix != ".txt")

@@ -77,6 +77,13 @@ class Prepared:
         """The source file (or Parquet row, or path column) of each sample, where there is one."""
         return self.refs.column("path").to_pylist() if self.refs is not None else None
 
+    def image_at(self, position: int) -> np.ndarray:
+        """One image (C, H, W), reading only its part of a prepared dataset."""
+        if self.images is not None:
+            return self.images[position]
+        return (self.store.read_rows(position, position + 1)["image"][0] if self.store is not None
+                else self.load_images()[position])
+
     def load_images(self) -> np.ndarray:
         """(N, C, H, W) images in memory: the in-memory array, or the whole prepared dataset
         read back (for small-data tools: duplicate search, reports of small runs)."""
@@ -212,7 +219,8 @@ def _prepare_indexed(spec: DataSpec, *, seed: int) -> Prepared:
         name=spec.dataset, sample_ids=chosen.sample_ids, images=None, labels=chosen.labels,
         original_labels=chosen.original, corrupted=chosen.corrupted,
         duplicate_of=chosen.duplicate_of, num_classes=index.num_classes, norm=None,
-        augment=True if spec.augment is None else spec.augment, flip=True,
+        # crop + flip by default for photos in folders; Parquet data may be anything (digits...)
+        augment=(spec.dataset == "imagefolder") if spec.augment is None else spec.augment, flip=True,
         fingerprint=digest.hexdigest()[:16], refs=refs, shape=shape, image_size=size,
         image_column=spec.image_column, class_names=index.class_names)
 

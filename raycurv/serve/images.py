@@ -48,7 +48,7 @@ def load_images(folder: RunFolder, sample_ids: np.ndarray, labels: np.ndarray) -
     (in row order). Raises raycurv.errors.UsageError (one line) when they cannot be had: no run
     record, data moved or changed since the run, samples or labels that do not match."""
     data = load_run_data(folder, pa.table({"sample_id": sample_ids, "label": labels}))
-    return RunImages(scale=float(data.norm.scale), array=data.images,
+    return RunImages(scale=float(data.norm.scale), array=data.load_images(),
                      store=getattr(data, "store", None))
 
 
