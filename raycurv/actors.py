@@ -19,6 +19,7 @@ from raycurv import storage
 from raycurv.config import ScoreSpec
 from raycurv.curvature import curvature, reduce_probe_norms
 from raycurv.data import Normalization, Prepared
+from raycurv.data.plane import StoreImages
 from raycurv.data.sharding import actor_shards, scoring_batches
 from raycurv.data.transforms import to_input
 from raycurv.dynamics import TRAINING_RECORDS, co_scores
@@ -166,11 +167,13 @@ class CurvatureActor:
 
     def __init__(self, spec: ShardSpec, shard: dict[str, Any], run: str):
         """``shard``: the shard's arrays (images, labels, sample_ids), or ``store``, a prepared
-        dataset (raycurv.data.plane.Store) to read only the shard's rows from."""
+        dataset (raycurv.data.plane.Store) whose rows of this shard are streamed, batch by batch."""
         self.run = run
         if "store" in shard:
-            rows = shard["store"].read_rows(spec.start, spec.stop)
-            shard = {"images": rows["image"], "labels": rows["label"], "sample_ids": rows["sample_id"]}
+            store = shard["store"]
+            ids = store.read_rows(spec.start, spec.stop, columns=("sample_id", "label"))
+            shard = {"images": StoreImages(store, spec.start, spec.stop), "labels": ids["label"],
+                     "sample_ids": ids["sample_id"]}
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.scorer = ShardScorer(spec, shard["images"], shard["labels"], shard["sample_ids"],
                                   device=device)

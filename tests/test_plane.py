@@ -129,6 +129,10 @@ def test_prepared_dataset_round_trip(ray_cluster, tmp_path):
     every = np.stack(images + [images[c] for c in copies]) / 255.0  # a small store: all sampled
     assert data.norm.mean[0] == pytest.approx(every.mean(), rel=1e-6)
     assert data.norm.std[0] == pytest.approx(every.std(), rel=1e-6)
+    view = plane.StoreImages(store, 3, 20)  # what a curvature actor streams its shard through
+    assert view.shape == (17, 1, 8, 8)
+    np.testing.assert_array_equal(view[4:9], rows["image"][7:12])
+    np.testing.assert_array_equal(view[0:17], rows["image"][3:20])
     again = materialize(prepare_dataset(spec, seed=0), str(tmp_path / "store"), seed=0)
     assert again.store == store  # a complete store is reused, not written again
 

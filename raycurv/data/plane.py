@@ -222,20 +222,23 @@ class Store:
     def part_locations(self) -> list[str]:
         return [storage.join(self.location, p) for p in self.parts]
 
-    def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Rows [start, stop) (positions in sample order): sample_id, label, image (B, C, H, W)
-        uint8. Reads only the parts that hold them."""
-        out = {"sample_id": [], "label": [], "image": []}
+    def read_rows(self, start: int, stop: int, *, columns: tuple[str, ...] = ("sample_id", "label", "image"),
+                  read=None) -> dict[str, np.ndarray]:
+        """Rows [start, stop) (positions in sample order) of ``columns``: sample_id, label, image
+        (B, C, H, W) uint8. Reads only the parts that hold them (``read``: part location ->
+        table, to cache parts)."""
+        read = read or (lambda location: storage.read_parquet(location, columns=list(columns)))
+        out: dict[str, list] = {c: [] for c in columns}
         first = 0
         for location, count in zip(self.part_locations(), self.rows, strict=True):
             a, b = max(start, first), min(stop, first + count)
             if a < b:
-                table = storage.read_parquet(location).slice(a - first, b - a)
-                out["sample_id"].append(table.column("sample_id").to_numpy())
-                out["label"].append(table.column("label").to_numpy())
-                out["image"].append(images_of(table.column("image"), self.shape))
+                table = read(location).slice(a - first, b - a)
+                for c in columns:
+                    out[c].append(images_of(table.column(c), self.shape) if c == "image"
+                                  else table.column(c).to_numpy())
             first += count
-        return {k: np.concatenate(v) if v else np.empty(0) for k, v in out.items()}
+        return {c: np.concatenate(v) if v else np.empty(0) for c, v in out.items()}
 
     def dataset(self):
         """The prepared dataset as a Ray Dataset (sample_id, label, image), in sample order: one
@@ -245,6 +248,34 @@ class Store:
         return (ray.data.from_items([{"part": p} for p in self.part_locations()])
                 .map_batches(_read_parts, batch_size=1, batch_format="pyarrow",
                              num_cpus=READ_TASK_CPUS))
+
+
+class StoreImages:
+    """The images of rows [start, stop) of a store, sliced like an array ((n, C, H, W) uint8):
+    ``view[a:b]`` reads only the parts that hold rows a..b, keeping the last part read, since a
+    scoring pass walks each part in several batches. So a curvature actor streams its shard
+    instead of holding it."""
+
+    def __init__(self, store: Store, start: int, stop: int) -> None:
+        self.store, self.start, self.stop = store, start, stop
+        self._cached: tuple[str, pa.Table] | None = None
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.store.shape)
+
+    def _read(self, location: str) -> pa.Table:
+        if self._cached is None or self._cached[0] != location:
+            self._cached = (location, storage.read_parquet(location, columns=["image"]))
+        return self._cached[1]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        a, b, _ = rows.indices(len(self))
+        return self.store.read_rows(self.start + a, self.start + b, columns=("image",),
+                                    read=self._read)["image"]
 
 
 def _read_parts(batch: pa.Table) -> pa.Table:
