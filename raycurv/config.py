@@ -56,7 +56,8 @@ class DataSpec(_Spec):
 class TrainSpec(_Spec):
     """SGD with momentum and weight decay; a cosine, step or constant learning-rate schedule."""
 
-    model: str = "small_cnn"
+    model: str = "small_cnn"  # a registered name or package.module:factory (raycurv.models)
+    weights: str | None = None  # a state dict file to start from (local path or URI)
     epochs: int = Field(default=12, ge=1)
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=0.01, gt=0.0)
@@ -67,6 +68,13 @@ class TrainSpec(_Spec):
     gpus_per_worker: float = Field(default=0.0, ge=0.0)
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
     max_failures: int = Field(default=3, ge=0)
+
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_absolute(cls, value: str | None) -> str | None:
+        """A local weights file is made absolute: training workers read it from their own folder."""
+        return value if value is None or is_uri(value) else os.path.abspath(value)
 
 
 class EstimatorSpec(_Spec):

@@ -1,11 +1,21 @@
-"""Model registry. Models know nothing of training or scoring: (B, C, H, W) in, (B, classes) logits out."""
+"""Model registry. Models know nothing of training or scoring: (B, C, H, W) in, (B, classes) logits out.
+
+A model is named by a registered name (``MODELS``) or by a factory of the user's own,
+``package.module:factory``: a callable ``(in_channels, num_classes) -> nn.Module``, imported in
+every process that builds the model (the driver, each training worker and curvature actor).
+Weights to start from are a state dict file, read with ``torch.load(weights_only=True)``.
+"""
 
 from __future__ import annotations
 
+import importlib
+import io
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from raycurv import storage
 
 
 class SmallCNN(nn.Module):
@@ -100,8 +110,90 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
 }
 
 
-def build_model(name: str, *, in_channels: int, num_classes: int) -> nn.Module:
-    """Build a registered model; an unknown name raises ValueError listing the valid ones."""
+def is_factory_path(name: str) -> bool:
+    """Whether ``name`` names a user's factory (``package.module:factory``), not a registered model."""
+    return ":" in name
+
+
+def import_factory(path: str) -> Callable[[int, int], nn.Module]:
+    """The callable named by ``package.module:factory`` (the attribute may be dotted, a.b).
+    Raises ValueError (one line) when the module does not import or has no such callable."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"model factory {path!r} must look like package.module:factory")
+    try:
+        target = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises while importing
+        raise ValueError(f"model factory {path!r}: cannot import {module_name}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"model factory {path!r}: {module_name} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"model factory {path!r} is not callable")
+    return target
+
+
+def load_weights(location: str) -> dict[str, torch.Tensor]:
+    """A state dict from a local file or URI, read without unpickling code (weights_only=True).
+    Raises ValueError (one line) when it is missing or does not hold a state dict."""
+    raw = storage.read_bytes(location)
+    if raw is None:
+        raise ValueError(f"weights file not found: {location}")
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip or torch errors for a file that is not a state dict
+        raise ValueError(f"weights file {location} is not a torch state dict: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a raycurv training checkpoint: its model's weights
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ValueError(f"weights file {location} does not hold a state dict (name -> tensor)")
+    return state
+
+
+def resolve_model(name: str) -> Callable[[int, int], nn.Module]:
+    """The factory of ``name``: a registered model or an imported ``package.module:factory``.
+    Raises ValueError (one line) for an unknown name or a factory that does not import."""
+    if is_factory_path(name):
+        return import_factory(name)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
-    return MODELS[name](in_channels, num_classes)
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}, "
+                         "or package.module:factory")
+    return MODELS[name]
+
+
+def build_model(name: str, *, in_channels: int, num_classes: int,
+                weights: str | None = None) -> nn.Module:
+    """Build a registered model or a user's ``package.module:factory`` model, with ``weights``
+    (a state dict file) loaded when given. Raises ValueError (one line) for an unknown name, a
+    factory that does not import or returns no nn.Module, or weights that do not fit the model."""
+    model = resolve_model(name)(in_channels, num_classes)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        try:
+            model.load_state_dict(load_weights(weights))
+        except RuntimeError as exc:
+            raise ValueError(f"weights file {weights} does not match model {name!r}: "
+                             f"{' '.join(str(exc).split())[:300]}") from None
+    return model
+
+
+def check_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
+                weights: str | None = None) -> None:
+    """Build the model once and run a batch of two zero inputs of ``input_shape`` (C, H, W)
+    through it: the logits must be (2, num_classes). Raises ValueError (one line) otherwise."""
+    model = build_model(name, in_channels=input_shape[0], num_classes=num_classes, weights=weights)
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((2, *input_shape)))
+    except Exception as exc:  # shape errors from inside the user's model
+        raise ValueError(f"model {name!r} fails on inputs of shape {tuple(input_shape)}: "
+                         f"{' '.join(str(exc).split())[:300]}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model {name!r} outputs {shape} for a batch of 2, expected "
+                         f"(2, {num_classes}): one logit per class")

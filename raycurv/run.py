@@ -23,7 +23,7 @@ from raycurv.data import Prepared, materialize, plane, prepare_dataset
 from raycurv.data.sharding import actor_shards
 from raycurv.detection import evaluate_table
 from raycurv.errors import UsageError
-from raycurv.models import MODELS
+from raycurv.models import check_model, resolve_model
 from raycurv.results import write_results
 from raycurv.runfolder import RUN_FILE, RunFolder
 from raycurv.train import fit
@@ -97,12 +97,19 @@ def check_run_dir(spec: ScoreSpec, data: Prepared) -> bool:
 def validate_spec(spec: ScoreSpec) -> Prepared:
     """All checks that need no cluster; returns the prepared dataset."""
     storage.check_writable_folder(spec.run_dir)
-    if spec.train.model not in MODELS:
-        raise UsageError(f"unknown model {spec.train.model!r}; valid: {', '.join(MODELS)}")
+    try:
+        resolve_model(spec.train.model)  # an unknown name or a factory that does not import
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     data = prepare_dataset(spec.data, seed=spec.seed)
     min_side = min(data.input_shape[1:])
     if spec.train.model == "small_cnn" and min_side < 4:
         raise UsageError(f"small_cnn needs images of at least 4x4, got {data.input_shape[1:]}")
+    try:  # built once here, so a model or weights that do not fit fail before Ray starts
+        check_model(spec.train.model, input_shape=tuple(data.input_shape),
+                    num_classes=data.num_classes, weights=spec.train.weights)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     actor_shards(len(data), spec.curvature.actors, spec.curvature.batch_size)
     if spec.curvature.from_epoch >= spec.train.epochs:
         raise UsageError(f"--score-from {spec.curvature.from_epoch} leaves no epoch to score: "

@@ -162,7 +162,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(spec.seed)  # the same initial weights on every worker
-    model = build_model(spec.train.model, in_channels=data.shape[0], num_classes=data.num_classes)
+    model = build_model(spec.train.model, in_channels=data.shape[0], num_classes=data.num_classes,
+                        weights=spec.train.weights)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     t = spec.train

@@ -44,7 +44,11 @@ SPEC_FLAGS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
     "--seed": (None, "seed", {"type": int}),
     "--name": (None, "name", {"help": "run name (default: the run folder's name)"}),
     "--run-dir": (None, "run_dir", {"help": "run folder: a path or a pyarrow URI (s3://, gs://)"}),
-    "--model": ("train", "model", {"help": "small_cnn (default), resnet18_cifar, resnet18, resnet50"}),
+    "--model": ("train", "model", {"help": "small_cnn (default), resnet18_cifar, resnet18, resnet50, "
+                                           "or package.module:factory, a callable "
+                                           "(in_channels, num_classes) -> nn.Module"}),
+    "--weights": ("train", "weights", {"help": "a state dict file to start training from "
+                                               "(read with weights_only; never downloaded)"}),
     "--epochs": ("train", "epochs", {"type": int}),
     "--batch-size": ("train", "batch_size", {"type": int, "help": "training batch per worker"}),
     "--lr": ("train", "lr", {"type": finite_float}),
