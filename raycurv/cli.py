@@ -8,7 +8,7 @@ import sys
 
 from pydantic import ValidationError
 
-from raycurv.errors import UsageError
+from raycurv.errors import UsageError, validation_line
 
 # verb -> (module under raycurv.commands, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -40,20 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "spec"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._module.run(args) or 0)
     except ValidationError as exc:
-        print(f"raycurv {args.verb}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"raycurv {args.verb}: error: {validation_line(exc)}", file=sys.stderr)
     except UsageError as exc:
         print(f"raycurv {args.verb}: error: {exc}", file=sys.stderr)
     return 2

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from raycurv import storage
 from raycurv.errors import UsageError
 from raycurv.serve.client import DEFAULT_URL
 from raycurv.serve.settings import TOKEN_ENV, env_token
@@ -42,26 +40,15 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Ask the service (or read the table) and print the rows."""
-    from raycurv.serve import client
+    from raycurv.api import lookup, reads_table
+    from raycurv.serve.client import format_rows
 
     _check(args)
-    local = args.url is None and (storage.is_uri(args.run) or Path(args.run).exists())
-    token = args.token or env_token()
+    local = reads_table(args.run, url=args.url)
     url = args.url or DEFAULT_URL
-    try:
-        if args.sample_id is not None:
-            body = (client.read_sample(args.run, sample_id=args.sample_id) if local else
-                    client.fetch_sample(url=url, run=args.run, sample_id=args.sample_id,
-                                        token=token))
-            rows = [body["sample"]]
-        else:
-            body = (client.read_top(args.run, k=args.top, label=args.label, order=args.order)
-                    if local else
-                    client.fetch_top(url=url, run=args.run, k=args.top, label=args.label,
-                                     order=args.order, token=token))
-            rows = body["rows"]
-    except client.QueryError as exc:
-        raise UsageError(str(exc)) from None
+    body = lookup(args.run, args.sample_id, top=args.top, label=args.label, order=args.order,
+                  url=args.url, token=args.token or env_token())
+    rows = [body["sample"]] if args.sample_id is not None else body["rows"]
     if args.json:
         print(json.dumps(body, indent=2))
     else:
@@ -71,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
                 f"{'' if args.label is None else f', label {args.label}'}; "
                 f"{body['total']} matching)")
         print(f"{source}: {what}")
-        print(client.format_rows(rows))
+        print(format_rows(rows))
     return 0
