@@ -1,6 +1,6 @@
 """raycurv: find what a neural network memorizes, by the input-loss curvature of every sample.
 
-The Python API (raycurv.api): ``score``, ``load_run``, ``evaluate``, ``lookup`` and the ``Run``
+The Python API (raycurv.api): ``score``, ``load_run``, ``evaluate``, ``lookup``, ``export`` and the ``Run``
 they return; every mistake raises ``UsageError``. They load on first use, so that importing
 raycurv (and ``raycurv --help``) stays fast.
 """
@@ -13,9 +13,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Run", "UsageError", "__version__", "evaluate", "load_run", "lookup", "score"]
+__all__ = ["Run", "UsageError", "__version__", "evaluate", "export", "load_run", "lookup", "score"]
 
-_API = {"Run", "load_run", "lookup", "score"}  # and evaluate: _Package below
+_API = {"Run", "evaluate", "export", "load_run", "lookup", "score"}
 
 
 def __getattr__(name: str) -> Any:
@@ -31,19 +31,15 @@ def __getattr__(name: str) -> Any:
 
 
 class _Package(types.ModuleType):
-    """The package's module type: ``raycurv.evaluate`` is the API function, although a submodule
-    of the same name exists (importing it binds the module to the package attribute; that binding
-    is ignored here; the module stays reachable by ``from raycurv.evaluate import ...``)."""
+    """The package's module type: the API's ``raycurv.evaluate`` and ``raycurv.export`` stay the
+    functions although submodules of those names exist. Importing a submodule binds it to the
+    package's attribute of its name; for an API name that binding is skipped (the module stays
+    in sys.modules: ``from raycurv.export import ...`` works)."""
 
-    @property
-    def evaluate(self) -> Any:
-        from raycurv.api import evaluate
-
-        return evaluate
-
-    @evaluate.setter
-    def evaluate(self, module: types.ModuleType) -> None:
-        pass
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
 
 
 sys.modules[__name__].__class__ = _Package

@@ -23,6 +23,7 @@ from raycurv.config import ScoreSpec, merge
 from raycurv.detection import evaluate_table
 from raycurv.errors import UsageError, validation_line
 from raycurv.evaluate import evaluate_run, load_run_table
+from raycurv.export import DEFAULT_THRESHOLD, FORMATS, write_export
 from raycurv.runfolder import RunFolder
 from raycurv.serve import client
 from raycurv.table import read_metadata
@@ -84,7 +85,7 @@ def _check_int(name: str, value: Any, *, minimum: int) -> None:
 
 def _check_location(name: str, value: Any) -> str:
     if not isinstance(value, str | Path) or not str(value).strip():
-        raise UsageError(f"{name} must be a run folder or score table (a path or a URI), got {value!r}")
+        raise UsageError(f"{name} must be a path or a URI, got {value!r}")
     return str(value)
 
 
@@ -313,3 +314,45 @@ def lookup(run: str | Path | Run, sample_id: int | None = None, *, top: int | No
                 client.fetch_top(url=url, run=location, k=top, label=label, order=order, token=token))
     except client.QueryError as exc:
         raise UsageError(str(exc)) from None
+
+
+def export(run: str | Path | Run, *, format: str, output: str | None = None,
+           threshold: float = DEFAULT_THRESHOLD) -> str:
+    """Write a run's scores in a layout another tool reads.
+
+    Parameters
+    ----------
+    run : str, pathlib.Path or Run
+        The run (folder or score table, local or a URI).
+    format : {"csv", "jsonl", "cleanlab", "fiftyone"}
+        ``csv``/``jsonl``: every column of the score table, plus ``path`` (the sample's source,
+        where the run has one) and the class names of ``label`` and ``final_pred``;
+        ``cleanlab``: cleanlab's label-issues table (``is_label_issue``, ``label_score``: lower =
+        more likely an issue, ``given_label``, ``predicted_label``); ``fiftyone``: a
+        FiftyOneImageClassificationDataset folder (README, "Exports").
+    output : str, optional
+        A file (a folder for ``fiftyone``), local or a URI; default ``<run>/exports/<name>``.
+    threshold : float
+        The percentile of curvature, in [0, 1], from which a sample whose final prediction is
+        another class counts as a label issue (default 0.9: the top 10 %).
+
+    Returns
+    -------
+    str
+        Where the export was written.
+
+    Raises
+    ------
+    UsageError
+        An unknown format, a threshold outside [0, 1], no readable run, or an output that cannot
+        be written.
+    """
+    location = run.location if isinstance(run, Run) else _check_location("run", run)
+    if format not in FORMATS:
+        raise UsageError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= threshold <= 1:
+        raise UsageError(f"threshold must lie in [0, 1], got {threshold!r}")
+    if output is not None:
+        output = _check_location("output", output)
+    folder, table = load_run_table(location)
+    return write_export(folder, table, format=format, output=output, threshold=float(threshold))

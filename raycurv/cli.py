@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "query": ("query", "one sample or the top k of a run, from the service or a table"),
     "reference": ("reference", "Feldman-Zhang memorization estimate from many subset-trained models"),
     "report": ("report", "figures and an HTML gallery of a run's most memorized samples"),
+    "export": ("export", "a run's scores as CSV, JSON Lines, cleanlab's label issues or a FiftyOne dataset"),
 }
 
 

@@ -32,6 +32,8 @@ def table_metadata(spec: ScoreSpec, data: Prepared, estimator: EstimatorSpec,
         "probes": estimator.probes, "epochs": epochs, "train_epochs": spec.train.epochs,
         "seed": spec.seed,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        # names of labels 0..C-1 where the source has them (image folders); raycurv.class_names
+        **({"class_names": list(data.class_names)} if data.class_names else {}),
     }
 
 

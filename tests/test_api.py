@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import raycurv
@@ -43,7 +44,7 @@ def test_options_become_a_spec():
     (lambda: raycurv.score(spec=[1]), "spec must be a ScoreSpec or a dict"),
     (lambda: raycurv.score(model=lambda c, k: None), "define it in an importable module"),
     (lambda: raycurv.score(model=3), "model must be a name"),
-    (lambda: raycurv.load_run(""), "location must be a run folder"),
+    (lambda: raycurv.load_run(""), "location must be a path or a URI"),
     (lambda: raycurv.lookup("x"), "give either sample_id or top"),
     (lambda: raycurv.lookup("x", top=0), "top must be an integer >= 1, got 0"),
     (lambda: raycurv.lookup("x", sample_id=1, label=2), "label needs top"),
@@ -80,3 +81,5 @@ def test_the_readme_example_runs_as_written(ray_cluster, tmp_path, monkeypatch, 
     assert [r["rank"] for r in top] == [1, 2, 3]
     assert top[0]["curvature"] == pytest.approx(float(run.table.column("curvature").to_numpy().max()))
     assert "mislabel AUROC" in capsys.readouterr().out
+    issues = pd.read_csv(namespace["issues"], index_col="sample_id")
+    assert len(issues) == 300 and issues["is_label_issue"].dtype == bool
