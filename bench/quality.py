@@ -39,49 +39,72 @@ import torch
 from raycurv.config import CurvatureSpec, DataSpec, ScoreSpec, TrainSpec
 from raycurv.curvature import VARIANTS, curvature
 from raycurv.data import prepare_dataset
-from raycurv.data.sharding import epoch_batches, scoring_batches
+from raycurv.data.sharding import scoring_batches
 from raycurv.data.transforms import crop_padding, to_input
-from raycurv.detection import detection
+from raycurv.detection import detection, flagging_scores
 from raycurv.detection import targets as detection_targets
-from raycurv.dynamics import TRAINING_RECORDS
-from raycurv.models import build_model
+from raycurv.dynamics import TRAINING_RECORDS, co_scores
+from raycurv.models import SmallCNN, build_model
 from raycurv.scoring_model import prepare_for_scoring
-from raycurv.train import SCHEDULES, TrainData, _train_epoch
+from raycurv.train import SCHEDULES, TrainData, _train_epoch, epoch_data
 
 PROBES = (1, 2, 5, 10)
 
 
-def train_and_score(spec: ScoreSpec, *, probes: int, method: str = "fd", log=print) -> dict[str, np.ndarray]:
-    """Train as a scoring run does (one worker) and score every sample after every epoch.
-    Returns per-epoch, per-probe norms ||d_j|| (E, probes, N) and the per-epoch training records
-    (raycurv.dynamics.TRAINING_RECORDS: loss, logit margin, probability margin; each (E, N))."""
-    data = prepare_dataset(spec.data, seed=spec.seed)
-    t, c = spec.train, spec.curvature
-    payload = TrainData.of(data)
+def fit(spec: ScoreSpec, data: TrainData, *, width: int | None = None, on_epoch=None,
+        log=print) -> dict:
+    """Train on ``data`` as a scoring run does (one worker: raycurv.train's step, optimizer,
+    schedule and seeds; ``width``: a small CNN of that width instead of ``spec.train.model``),
+    calling ``on_epoch(epoch, model)`` after each epoch. Returns the model, the per-epoch training
+    records {TRAINING_RECORDS name: (E, N) float32}, the training accuracy (E,) on the labels
+    trained on, and the training seconds (``on_epoch`` not counted)."""
+    t = spec.train
+    n = len(data.labels)
     torch.manual_seed(spec.seed)
-    model = build_model(t.model, in_channels=data.input_shape[0], num_classes=data.num_classes)
+    in_channels, num_classes = data.shape[0], data.num_classes
+    model = (SmallCNN(in_channels, num_classes, width=width) if width
+             else build_model(t.model, in_channels=in_channels, num_classes=num_classes))
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
                           weight_decay=t.weight_decay)
     sched = SCHEDULES[t.schedule](opt, t.epochs)
-    n = len(data)
-    norms = np.zeros((t.epochs, probes, n), dtype=np.float32)
     training = {name: np.zeros((t.epochs, n), dtype=np.float32) for name in TRAINING_RECORDS}
-    final_loss = np.zeros(n, dtype=np.float32)
-    seconds = {"train": 0.0, "score": 0.0}
-    pad = crop_padding(data.input_shape[1])
-    ids = torch.as_tensor(data.sample_ids)
+    accuracy = np.zeros(t.epochs)
+    seconds = 0.0
+    pad = crop_padding(data.shape[1])
     for epoch in range(t.epochs):
         tic = time.perf_counter()
         generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch * 1_009)
-        batches = epoch_batches(n, world_size=1, rank=0, batch_size=t.batch_size, seed=spec.seed,
-                                epoch=epoch)
-        records, correct = _train_epoch(model, opt, payload, batches, device="cpu",
+        batches = epoch_data(data, world=1, rank=0, batch_size=t.batch_size, seed=spec.seed,
+                             epoch=epoch)
+        records, correct = _train_epoch(model, opt, data, batches, device="cpu",
                                         generator=generator, pad=pad)
         sched.step()
         for name, row in zip(TRAINING_RECORDS, records, strict=True):
             training[name][epoch] = row
-        losses = records[0]
-        seconds["train"] += time.perf_counter() - tic
+        accuracy[epoch] = correct / n
+        seconds += time.perf_counter() - tic
+        if on_epoch is not None:
+            on_epoch(epoch, model)
+        log(f"  seed {spec.seed} epoch {epoch + 1}/{t.epochs}: train acc {accuracy[epoch]:.3f}, "
+            f"loss {records[0].mean():.3f}; {seconds:.0f} s training", file=sys.stderr, flush=True)
+    return {"model": model, "training": training, "train_acc": accuracy, "seconds": seconds}
+
+
+def train_and_score(spec: ScoreSpec, *, probes: int, method: str = "fd", width: int | None = None,
+                    log=print) -> dict[str, np.ndarray]:
+    """Train as a scoring run does (one worker, see `fit`) and score every sample after every
+    epoch. Returns per-epoch, per-probe norms ||d_j|| (E, probes, N), the per-epoch training
+    records (raycurv.dynamics.TRAINING_RECORDS: loss, logit margin, probability margin; each
+    (E, N)), the training accuracy per epoch (E,) and the last model's loss (N,)."""
+    data = prepare_dataset(spec.data, seed=spec.seed)
+    c = spec.curvature
+    n = len(data)
+    norms = np.zeros((spec.train.epochs, probes, n), dtype=np.float32)
+    final_loss = np.zeros(n, dtype=np.float32)
+    scored = {"seconds": 0.0}
+    ids = torch.as_tensor(data.sample_ids)
+
+    def score(epoch: int, model) -> None:
         tic = time.perf_counter()
         scoring = None
         for a, b in scoring_batches(0, n, c.batch_size):
@@ -93,14 +116,25 @@ def train_and_score(spec: ScoreSpec, *, probes: int, method: str = "fd", log=pri
                             max_pass=scoring.max_pass)
             norms[epoch, :, a:b] = out.probe_norms.numpy()
             final_loss[a:b] = out.loss.numpy()
-        seconds["score"] += time.perf_counter() - tic
-        log(f"  seed {spec.seed} epoch {epoch + 1}/{t.epochs}: train acc {correct / n:.3f}, "
-            f"loss {losses.mean():.3f}; {seconds['train']:.0f} s training, "
-            f"{seconds['score']:.0f} s scoring so far", file=sys.stderr, flush=True)
+        scored["seconds"] += time.perf_counter() - tic
+
+    trained = fit(spec, TrainData.of(data), width=width, on_epoch=score, log=log)
     return {"probe_norms": norms, "h": np.float64(c.h), "variant": np.str_(c.variant),
-            **training, "final_loss": final_loss,
+            **trained["training"], "train_acc": trained["train_acc"], "final_loss": final_loss,
             "corrupted": data.corrupted, "duplicate_of": data.duplicate_of,
-            "sample_ids": data.sample_ids, "seconds": np.array([seconds["train"], seconds["score"]])}
+            "sample_ids": data.sample_ids,
+            "seconds": np.array([trained["seconds"], scored["seconds"]])}
+
+
+def run_scores(run: dict[str, np.ndarray], epochs: list[int] | None = None) -> dict[str, np.ndarray]:
+    """A run's per-sample scores as the score table stores them (raycurv.detection.SCORES:
+    curvature, the mean over ``epochs`` (default all) and probes; csl; final_loss; the
+    co-scores of raycurv.dynamics); read them with raycurv.detection.flagging_scores."""
+    terms = run["terms"] if "terms" in run else with_terms(run)["terms"]
+    chosen = slice(None) if epochs is None else epochs
+    return {"curvature": terms[chosen].mean(axis=(0, 1)), "csl": run["train_loss"].sum(0),
+            "final_loss": run["final_loss"],
+            **co_scores(run["train_margin"], run["train_prob_margin"])}
 
 
 def settings(epochs: int) -> list[tuple[str, list[int]]]:
@@ -169,16 +203,28 @@ def analyze(runs: list[dict[str, np.ndarray]]) -> dict:
                 auroc(run["terms"][: e + 1].mean(axis=(0, 1))[targets(run)[target][1]],
                       targets(run)[target][0][targets(run)[target][1]]) for run in runs))
         by_epoch[target] = {"single": single, "running_mean": running}
-    baselines = {}
+    flagged = [flagging_scores(run_scores(run)) for run in runs]
+    baselines = {}  # every other score of raycurv's table, mean AUROC over seeds
     for target in targets(runs[0]):
         baselines[target] = {
-            name: statistics.mean(auroc(values(run)[targets(run)[target][1]],
+            name: statistics.mean(auroc(scores[name][targets(run)[target][1]],
                                         targets(run)[target][0][targets(run)[target][1]])
-                                  for run in runs)
-            for name, values in (("csl", lambda r: r["train_loss"].sum(0)),
-                                 ("final_loss", lambda r: r["final_loss"]))}
+                                  for run, scores in zip(runs, flagged, strict=True))
+            for name in flagged[0] if name != "curvature"}
     return {"rows": rows, "reference": reference, "by_epoch": by_epoch, "baselines": baselines,
-            "epochs": int(epochs), "seeds": len(runs)}
+            "epochs": int(epochs), "seeds": len(runs), "training": training_summary(runs)}
+
+
+def training_summary(runs: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """How far training went, mean over seeds: the last epoch's accuracy on the labels trained
+    on, and the share of corrupted labels the last epoch's training pass fit (logit margin > 0:
+    the model memorized them)."""
+    out = {"train_acc": statistics.mean(float(r["train_acc"][-1]) for r in runs if "train_acc" in r)
+           if all("train_acc" in r for r in runs) else float("nan")}
+    corrupted = [r for r in runs if r["corrupted"].any()]
+    out["noisy_fit"] = statistics.mean(float((r["train_margin"][-1][r["corrupted"]] > 0).mean())
+                                       for r in corrupted) if corrupted else float("nan")
+    return out
 
 
 def frontier(rows: list[dict], target: str = "corrupted") -> list[dict]:
@@ -199,6 +245,9 @@ def print_tables(result: dict, tolerance: float, max_cost: float) -> dict:
     print(f"\nreference: n = {ref['n']}, every epoch of {result['epochs']}: "
           + ", ".join(f"{t} AUROC {statistics.mean(ref[t]):.4f}" for t in names)
           + f" (mean of {seeds} seed(s))")
+    fitted = result["training"]
+    print(f"  training: last-epoch accuracy on the labels trained on {fitted['train_acc']:.4f}, "
+          f"corrupted labels fit {fitted['noisy_fit']:.4f}")
     for t in names:
         print(f"  baselines ({t}): " + ", ".join(f"{k} {v:.4f}" for k, v in result["baselines"][t].items()))
         print(f"  AUROC by epoch ({t}), single epoch: "
@@ -242,19 +291,36 @@ def summary(row: dict) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags the quality benchmarks share: the data, its noise and duplicates, the seeds,
+    torch's threads."""
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--duplicates", type=int, default=0)
-    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--seeds", default="0", help="comma-separated")
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def data_spec(args: argparse.Namespace) -> DataSpec:
+    """The DataSpec of `add_data_arguments`' flags."""
+    return DataSpec(dataset=args.dataset, limit=args.limit, noise=args.noise,
+                    duplicates=args.duplicates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_arguments(parser)
     parser.add_argument("--epochs", type=int, default=None, help="default: raycurv's")
     parser.add_argument("--h", type=float, default=None, help="default: raycurv's")
+    parser.add_argument("--lr", type=float, default=None, help="default: raycurv's")
+    parser.add_argument("--weight-decay", type=float, default=None, help="default: raycurv's")
+    parser.add_argument("--schedule", default=None, help="default: raycurv's")
+    parser.add_argument("--model", default=None, help="default: raycurv's")
+    parser.add_argument("--width", type=int, default=None, help="small CNN width (default 32)")
     parser.add_argument("--variant", default=None, help="default: raycurv's")
     parser.add_argument("--probes", type=int, default=10)
     parser.add_argument("--method", default="fd", help="fd (default) or hvp")
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--analyze", nargs="*", default=None, help="saved .npz tables: no training")
     parser.add_argument("--tolerance", type=float, default=0.005)
@@ -270,17 +336,19 @@ def main() -> None:
         meta = {"files": args.analyze}
     else:
         defaults = ScoreSpec()
-        train = TrainSpec(**({"epochs": args.epochs} if args.epochs else {}))
+        train = TrainSpec(**{k: v for k, v in (
+            ("epochs", args.epochs), ("lr", args.lr), ("weight_decay", args.weight_decay),
+            ("schedule", args.schedule), ("model", args.model)) if v is not None})
         curv = CurvatureSpec(h=args.h or defaults.curvature.h,
                              variant=args.variant or defaults.curvature.variant, probes=args.probes)
         os.makedirs(args.out, exist_ok=True)
         for seed in [int(s) for s in args.seeds.split(",")]:
-            spec = ScoreSpec(seed=seed, data=DataSpec(dataset=args.dataset, limit=args.limit,
-                                                      noise=args.noise, duplicates=args.duplicates),
-                             train=train, curvature=curv)
-            run = train_and_score(spec, probes=args.probes, method=args.method)
+            spec = ScoreSpec(seed=seed, data=data_spec(args), train=train, curvature=curv)
+            run = train_and_score(spec, probes=args.probes, method=args.method, width=args.width)
             name = (f"{args.dataset}-n{args.noise}-l{args.limit or 'all'}-d{args.duplicates}"
-                    f"-e{train.epochs}-h{curv.h}-{curv.variant}-{args.method}-s{seed}.npz")
+                    f"-e{train.epochs}-lr{train.lr}-wd{train.weight_decay}-{train.schedule}"
+                    f"-{train.model}{args.width or ''}-h{curv.h}-{curv.variant}-{args.method}"
+                    f"-s{seed}.npz")
             np.savez_compressed(os.path.join(args.out, name), **run)
             print(f"wrote {os.path.join(args.out, name)} (training {run['seconds'][0]:.0f} s, "
                   f"scoring {run['seconds'][1]:.0f} s)", file=sys.stderr)
@@ -288,6 +356,8 @@ def main() -> None:
         meta = {"dataset": args.dataset, "limit": args.limit, "noise": args.noise,
                 "duplicates": args.duplicates, "epochs": train.epochs, "h": curv.h,
                 "variant": curv.variant, "method": args.method, "seeds": args.seeds, "model": train.model,
+                "width": args.width, "lr": train.lr, "weight_decay": train.weight_decay,
+                "schedule": train.schedule,
                 "train_seconds": float(sum(r["seconds"][0] for r in runs)),
                 "score_seconds": float(sum(r["seconds"][1] for r in runs))}
     result = analyze(runs)
@@ -296,7 +366,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "quality", **meta, "tolerance": args.tolerance, "max_cost": args.max_cost,
         "reference": summary(result["reference"]), "by_epoch": result["by_epoch"],
-        "baselines": result["baselines"], **chosen, "rows": [summary(r) for r in result["rows"]],
+        "baselines": result["baselines"], "training": result["training"], **chosen, "rows": [summary(r) for r in result["rows"]],
     }))
 
 
