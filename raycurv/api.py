@@ -146,7 +146,7 @@ def build_spec(spec: ScoreSpec | dict[str, Any] | None = None, **options: Any) -
 
 
 def score(spec: ScoreSpec | dict[str, Any] | None = None, *, address: str | None = None,
-          **options: Any) -> Run:
+          verbose: bool = False, **options: Any) -> Run:
     """Train one network on Ray and score every training sample's memorization.
 
     Parameters
@@ -156,6 +156,8 @@ def score(spec: ScoreSpec | dict[str, Any] | None = None, *, address: str | None
     address : str, optional
         An existing Ray cluster to join; default: the cluster this process already joined, else
         a local one started for the run.
+    verbose : bool
+        Also print Ray's and Ray Train's own INFO lines (default: one progress line per epoch).
     **options
         Spec fields by name, as the command line's flags: ``dataset``, ``data_root``, ``limit``,
         ``noise`` (share of labels flipped, in [0, 1)), ``duplicates``, ``model`` (a registered
@@ -181,7 +183,7 @@ def score(spec: ScoreSpec | dict[str, Any] | None = None, *, address: str | None
     from raycurv.run import score_run  # torch and Ray: only when scoring
 
     resolved = build_spec(spec, **options)
-    result = score_run(resolved, address=address)
+    result = score_run(resolved, address=address, verbose=bool(verbose))
     return Run(location=result.run_dir, table=result.table, metrics=result.metrics,
                train=result.train, seconds=result.seconds)
 

@@ -7,6 +7,9 @@ touched, so bad input never leaves a partial folder behind.
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -117,10 +120,37 @@ def validate_spec(spec: ScoreSpec) -> Prepared:
     return data
 
 
+class _WarningsOnly(logging.Filter):
+    """Drops records below WARNING (on the handlers of Ray's driver-side logger: ray.init resets
+    the logger's own level, not its handlers' filters)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+_WARNINGS_ONLY = _WarningsOnly()
+# Ray's token notice at every start (the README documents token authentication): errors only.
+_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def quiet_ray_logs(*, verbose: bool) -> None:
+    """Console output of a run: unless ``verbose``, Ray's driver-side INFO lines ("Started a local
+    Ray instance ...") are dropped; worker lines forwarded to the driver carry no color codes when
+    stdout is not a terminal (a log piped to a file stays plain text). Ray Train's own lines:
+    raycurv.train.fit."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    for handler in logging.getLogger("ray").handlers:
+        (handler.removeFilter if verbose else handler.addFilter)(_WARNINGS_ONLY)
+    logging.getLogger(_TOKEN_LOGGER).setLevel(logging.NOTSET if verbose else logging.ERROR)
+
+
 def score_run(spec: ScoreSpec, *, address: str | None = None,
-              extra_config: dict[str, Any] | None = None) -> RunResult:
-    """Train and score; write the run folder; return the table and its detection metrics."""
+              extra_config: dict[str, Any] | None = None, verbose: bool = False) -> RunResult:
+    """Train and score; write the run folder; return the table and its detection metrics.
+    Unless ``verbose``, Ray's and Ray Train's INFO lines stay off the console (quiet_ray_logs)."""
     started = time.perf_counter()
+    quiet_ray_logs(verbose=verbose)
     data = validate_spec(spec)
     resuming = check_run_dir(spec, data)
     t, c = spec.train, spec.curvature
@@ -134,7 +164,7 @@ def score_run(spec: ScoreSpec, *, address: str | None = None,
     data = materialize(data, folder.data, seed=spec.seed)  # data-plane sources: written once
     pool = start_pool(spec, data)
     try:
-        result = fit(spec, data, pool, extra_config=extra_config)
+        result = fit(spec, data, pool, extra_config=extra_config, verbose=verbose)
         merged = merge_states(pool.states(), data)
     finally:
         pool.shutdown()

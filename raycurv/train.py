@@ -9,6 +9,7 @@ curvature pool without waiting for it, up to ``max_lag`` epochs in flight.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import sys
@@ -23,7 +24,7 @@ import ray
 import ray.train
 import torch
 from ray.data import DataContext
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
 from torch.nn import functional as F
@@ -154,8 +155,11 @@ def _train_epoch(model, opt, data: TrainData, batches, *, device, generator, pad
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. config: ``spec`` (ScoreSpec as dict), ``data`` (a TrainData, or an
-    object ref to one), ``pool`` (a CurvaturePool, or None to train only)."""
+    object ref to one), ``pool`` (a CurvaturePool, or None to train only), ``verbose`` (False:
+    this worker logs WARNING and above only)."""
     spec = ScoreSpec.model_validate(config["spec"])
+    if not config.get("verbose", True):  # Ray Train's per-report INFO lines log to the root logger
+        logging.getLogger().setLevel(logging.WARNING)
     data: TrainData = config["data"]
     data = ray.get(data) if isinstance(data, ray.ObjectRef) else data
     pool = config.get("pool")
@@ -278,10 +282,13 @@ def _progress_line(m: dict[str, Any], epochs: int) -> str:
     return line
 
 
-def fit(spec: ScoreSpec, data: Prepared, pool, *, extra_config: dict[str, Any] | None = None):
+def fit(spec: ScoreSpec, data: Prepared, pool, *, extra_config: dict[str, Any] | None = None,
+        verbose: bool = False):
     """Run ``train_loop_per_worker`` on a TorchTrainer (``spec.train.workers`` DDP workers,
     checkpoints under the run folder); ``pool`` a CurvaturePool, or None to train only.
-    ``extra_config`` reaches the loop (test hooks). Returns Ray Train's Result."""
+    ``extra_config`` reaches the loop (test hooks). Ray Train's own INFO lines (checkpoints,
+    reports, worker group) reach the console only when ``verbose``; the loop's one progress line
+    per epoch always does. Returns Ray Train's Result."""
     t = spec.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})}
     datasets = None
@@ -291,11 +298,12 @@ def fit(spec: ScoreSpec, data: Prepared, pool, *, extra_config: dict[str, Any] |
     trainer = TorchTrainer(
         train_loop_per_worker, datasets=datasets,
         train_loop_config={"spec": spec.model_dump(mode="json"), "data": ray.put(TrainData.of(data)),
-                           "pool": pool, **(extra_config or {})},
+                           "pool": pool, "verbose": verbose, **(extra_config or {})},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=TRAIN_DIR, storage_path=RunFolder(spec.run_dir).train_storage(),
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
     )
     return trainer.fit()

@@ -15,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_spec_flags(parser)
     add_address(parser)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Ray's and Ray Train's own INFO lines (checkpoints, reports)")
 
 
 def build_spec(args: argparse.Namespace) -> ScoreSpec:
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from raycurv.run import score_run
 
     spec = build_spec(args)
-    result = score_run(spec, address=args.address)
+    result = score_run(spec, address=args.address, verbose=args.verbose)
     if args.json:
         print(json.dumps({"run_dir": result.run_dir, "seconds": result.seconds,
                           "train": result.train, "metrics": result.metrics}, default=str))
