@@ -49,7 +49,7 @@ import raycurv
 from raycurv import storage
 from raycurv.cluster import check_resources, ensure_ray
 from raycurv.config import DataSpec, Schedule
-from raycurv.data import prepare_dataset
+from raycurv.data import in_memory, prepare_dataset
 from raycurv.data.transforms import to_input
 from raycurv.errors import UsageError
 from raycurv.runfolder import RunFolder
@@ -340,7 +340,7 @@ def _run_tasks(spec: ReferenceSpec, inputs: np.ndarray, labels: np.ndarray, num_
 
 def check_spec(spec: ReferenceSpec):
     """Checks that need no cluster; returns the prepared dataset."""
-    data = prepare_dataset(spec.data, seed=spec.seed)
+    data = in_memory(prepare_dataset(spec.data, seed=spec.seed))  # small data: decoded here
     size = subset_size(len(data), spec.keep)
     if size < 1 or size >= len(data):
         raise UsageError(f"--keep {spec.keep} of {len(data)} samples leaves {size} to train on; "
@@ -358,7 +358,7 @@ def estimate(spec: ReferenceSpec, *, address: str | None = None, progress=print)
     data = check_spec(spec)
     ensure_ray(address, cpus_needed=spec.task_cpus)
     check_resources(cpus=spec.task_cpus, gpus=spec.task_gpus)
-    inputs = to_input(data.load_images(), data.norm).numpy()
+    inputs = to_input(data.images, data.norm).numpy()
     total = _run_tasks(spec, inputs, data.labels, data.num_classes, progress)
     seconds = time.perf_counter() - started
     summary = {"models": spec.models, "tasks": len(_task_groups(spec.models, spec.models_per_task)),

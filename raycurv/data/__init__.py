@@ -225,6 +225,17 @@ def _prepare_indexed(spec: DataSpec, *, seed: int) -> Prepared:
         image_column=spec.image_column, class_names=index.class_names)
 
 
+def in_memory(data: Prepared) -> Prepared:
+    """``data`` with every image in memory and normalization measured on all of them, as the
+    built-ins are: for tools that work on small datasets only (the Feldman-Zhang reference)."""
+    if data.images is not None:
+        return data
+    images = data.load_images()
+    mean, std = _channel_stats(images, 255.0)
+    return dataclasses.replace(data, images=images, store=None,
+                               norm=Normalization(scale=255.0, mean=mean, std=std))
+
+
 def materialize(data: Prepared, location: str, *, seed: int) -> Prepared:
     """``data`` with its prepared dataset at ``location``: written there through Ray Data unless
     a complete one is there already (a resumed run). In-memory datasets are returned as they are."""
