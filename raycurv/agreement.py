@@ -8,6 +8,8 @@ reference's mem (higher = more memorized): cosine similarity on all samples and 
 the reference (the paper's measure: 0.87 on CIFAR-100's top 5,000), Pearson and Spearman
 correlation, and the top-k overlap (share of the reference's k most memorized samples that are
 also among the score's k highest). A co-score is compared on the samples that have it.
+Cosine compares magnitudes from zero: it suits the non-negative scores (curvature, csl, loss,
+counts, epochs); negated aum and margin change sign, so read their Pearson and Spearman.
 """
 
 from __future__ import annotations

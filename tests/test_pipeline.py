@@ -39,6 +39,8 @@ def test_two_workers_two_actors_score_every_sample_every_epoch(ray_cluster, digi
     epochs = int(digits_flags[digits_flags.index("--epochs") + 1])
     assert len(df) == 600 and (df["epochs_scored"] == epochs).all()
     assert np.isfinite(df["csl"]).all() and (df["csl"] > 0).all()
+    # every sample's margins came from the worker that trained it (a missed one would be 0)
+    assert df["aum"].notna().all() and (df["aum"] != 0).all() and (df["forgetting_events"] >= 0).all()
     per_epoch = pq.read_table(run_dir / "curvature_by_epoch.parquet").to_pandas()
     assert per_epoch.groupby("sample_id").size().eq(epochs).all()
     assert not (run_dir / "epochs").exists() or not os.listdir(run_dir / "epochs")
