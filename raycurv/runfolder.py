@@ -196,10 +196,14 @@ def read_run_scores(run: str) -> tuple[RunFolder, pa.Table]:
     """(run folder, validated score table) of ``run``, a run folder or its table file, local or
     a URI. A table file under another name is read as it is (its folder is still the run's).
     Raises TableError."""
+    file = table_file(run)
+    table = read_table_file(file)
+    validate_table(table)
+    return RunFolder(file.rsplit("/", 1)[0] if "/" in file else "."), table
+
+
+def table_file(run: str) -> str:
+    """The score table file of ``run``: the run itself when it names a Parquet file, else the
+    run folder's score table."""
     text = str(run).rstrip("/") or str(run)
-    if text.endswith(".parquet") and not text.endswith(f"/{SCORES_FILE}") and text != SCORES_FILE:
-        table = read_table_file(text)
-        validate_table(table)
-        return RunFolder(text.rsplit("/", 1)[0] if "/" in text else "."), table
-    folder = RunFolder.of(text)
-    return folder, folder.read_scores()
+    return text if text.endswith(".parquet") else RunFolder(text).scores

@@ -14,6 +14,7 @@ streamed through Ray Data into a prepared dataset that no process holds whole.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import io
@@ -337,7 +338,7 @@ def write_store(location: str, *, sample_ids: np.ndarray, labels: np.ndarray, re
     store = Store(location, tuple(r["part"] for r in written), tuple(r["rows"] for r in written),
                   tuple(shape), (), (), hashlib.sha256("".join(r["sha"] for r in written).encode()).hexdigest()[:16])
     mean, std = _sample_stats(store, seed)
-    store = Store(store.location, store.parts, store.rows, tuple(shape), mean, std, store.fingerprint)
+    store = dataclasses.replace(store, mean=mean, std=std)
     storage.write_bytes(storage.join(location, MANIFEST), json.dumps({
         "parts": store.parts, "rows": store.rows, "shape": shape, "mean": mean, "std": std,
         "fingerprint": store.fingerprint}).encode())

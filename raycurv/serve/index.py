@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raycurv.detection import detection_items, evaluate_columns
-from raycurv.runfolder import RunFolder, read_run_scores, run_name
+from raycurv.runfolder import read_run_scores, run_name, table_file
 from raycurv.storage import FileStamp
 from raycurv.table import (
     COLUMNS,
@@ -150,9 +150,7 @@ class TableIndex:
         """Read, validate and index the score table at ``location`` (a run folder or its table
         file; a local path or a URI). Raises raycurv.table.TableError with a one-line reason."""
         started = time.perf_counter()
-        file = str(location)
-        if not file.endswith(".parquet"):
-            file = RunFolder.of(file).scores
+        file = table_file(str(location))
         stamp = FileStamp.of(file)
         _, table = read_run_scores(file)
         index = cls.from_table(table, run=run or run_name(file), path=file, stamp=stamp,
