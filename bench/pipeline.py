@@ -38,7 +38,7 @@ def scoring_alone(run_spec) -> float:
                       model=run_spec.train.model, in_channels=data.input_shape[0],
                       num_classes=data.num_classes, norm=data.norm,
                       seed=run_spec.seed, estimators=((c.h, c.probes, c.variant),),
-                      batch_size=c.batch_size, state_uri=f"{run_spec.run_dir}/alone.npz")
+                      batch_size=c.batch_size, state_uri=f"{run_spec.run_dir}/alone")
     scorer = ShardScorer(shard, data.images, data.labels, data.sample_ids)
     weights = build_model(run_spec.train.model, in_channels=data.input_shape[0],
                           num_classes=data.num_classes).state_dict()

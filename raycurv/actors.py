@@ -1,12 +1,15 @@
 """Curvature actors: each owns a contiguous shard of sample positions and scores it on every
 epoch's model while training goes on. Per-epoch values are kept, so scoring an epoch twice counts
-it once, and persisted after every epoch, so a restarted actor resumes where it was.
+it once, and each epoch's are written once, when it is recorded (one file per shard and epoch,
+never rewritten), so a restarted actor resumes where it was. At the end each actor reduces its
+shard to per-sample columns; the driver joins those (N rows), never an N x epochs array.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +25,10 @@ from raycurv.data import Normalization, Prepared
 from raycurv.data.plane import StoreImages
 from raycurv.data.sharding import actor_shards, scoring_batches
 from raycurv.data.transforms import to_input
-from raycurv.dynamics import TRAINING_RECORDS, co_scores
+from raycurv.dynamics import CO_SCORES, TRAINING_RECORDS, co_scores
 from raycurv.metrics import record_scoring
 from raycurv.models import build_model
-from raycurv.runfolder import RunFolder
+from raycurv.runfolder import RunFolder, legacy_shard_state, shard_epoch_file, shard_epoch_files
 from raycurv.scoring_model import ScoringModel, prepare_for_scoring
 
 
@@ -44,7 +47,7 @@ class ShardSpec:
     seed: int
     estimators: tuple[tuple[float, int, str], ...]  # (h, probes, variant); the first is primary
     batch_size: int
-    state_uri: str  # where this shard's state file lives (local path or pyarrow URI)
+    state_uri: str  # this shard's state folder (local path or pyarrow URI; RunFolder.shard_state)
     method: str = "fd"  # raycurv.curvature.METHODS
     precision: str | None = None  # None (fp32) or a raycurv.curvature.HALF_PRECISIONS key
     optimize: bool = True  # batch norm folded, channels last (raycurv.scoring_model)
@@ -96,7 +99,7 @@ class ShardScorer:
         skipped = {"shard": self.spec.index, "epoch": epoch, "samples": 0, "seconds": 0.0}
         if weights is None:
             self._keep_training(epoch, training)
-            self._save()
+            self._save(epoch)
             return skipped
         if epoch in self.scored_epochs:
             return skipped
@@ -117,7 +120,7 @@ class ShardScorer:
                 self.final["confidence"][lo:hi] = out.confidence.cpu().numpy()
         self.final["epoch"] = max(self.final["epoch"], epoch)
         self._keep_training(epoch, training)
-        self._save()
+        self._save(epoch)
         return {"shard": s.index, "epoch": epoch, "samples": s.stop - s.start,
                 "seconds": time.perf_counter() - started}
 
@@ -140,25 +143,71 @@ class ShardScorer:
                     self.curvature[k, epoch, lo:hi] = values.cpu().numpy()
         return out
 
-    def state(self) -> dict[str, np.ndarray]:
-        """Arrays for the merge: positions are start + arange(n)."""
-        return {"start": np.int64(self.spec.start), "curvature": self.curvature,
-                **self.training, "final_epoch": np.int64(self.final["epoch"]),
+    def summary(self) -> dict[str, Any]:
+        """The shard reduced to what the score tables need, per sample (positions start +
+        arange(n)): ``curvature`` (estimators, n) float32, the mean over scored epochs (higher =
+        more memorized), and ``epochs_scored`` (estimators, n); ``csl`` (the summed training loss),
+        the co-scores of raycurv.dynamics and the final model's columns, each (n,); ``scored``
+        (estimators, epochs) bool, the epochs each estimator scored in this shard."""
+        scored = ~np.isnan(self.curvature)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a sample never scored: checked on merge
+            mean = np.stack([np.nanmean(c, axis=0) for c in self.curvature])
+        return {"start": self.spec.start, "stop": self.spec.stop, "state_uri": self.spec.state_uri,
+                "curvature": mean, "epochs_scored": scored.sum(axis=1), "scored": scored.any(axis=2),
+                "csl": np.nansum(self.training["train_loss"], axis=0),
+                **co_scores(self.training["train_margin"], self.training["train_prob_margin"]),
                 "final_loss": self.final["loss"], "final_pred": self.final["pred"],
                 "final_confidence": self.final["confidence"]}
 
-    def _save(self) -> None:
-        storage.write_npz(self.spec.state_uri, self.state())
+    # --- persistence: one file per recorded epoch ---------------------------------------
+
+    def _epoch_record(self, epoch: int) -> dict[str, np.ndarray]:
+        """What ``epoch`` added: curvature (estimators, n), the training records (n,) each, and
+        the final model's columns when it is the latest scored epoch."""
+        record = {"curvature": self.curvature[:, epoch],
+                  **{name: self.training[name][epoch] for name in TRAINING_RECORDS}}
+        if self.final["epoch"] == epoch:
+            record |= {"final_loss": self.final["loss"], "final_pred": self.final["pred"],
+                       "final_confidence": self.final["confidence"]}
+        return record
+
+    def _save(self, epoch: int) -> None:
+        storage.write_npz(shard_epoch_file(self.spec.state_uri, epoch), self._epoch_record(epoch))
 
     def _load(self) -> None:
-        saved = storage.read_npz(self.spec.state_uri)
+        files = shard_epoch_files(self.spec.state_uri)
+        if not files:
+            self._split_legacy_state()
+            return
+        for epoch, location in files.items():
+            saved = storage.read_npz(location)
+            if (epoch < self.spec.epochs and saved is not None
+                    and saved["curvature"].shape == self.curvature[:, epoch].shape):
+                self._restore(epoch, saved)
+
+    def _restore(self, epoch: int, saved: dict[str, np.ndarray]) -> None:
+        self.curvature[:, epoch] = saved["curvature"]
+        # a record written before raycurv kept margins has train_loss only: the rest stay NaN
+        for name in TRAINING_RECORDS:
+            if name in saved:
+                self.training[name][epoch] = saved[name]
+        if "final_loss" in saved and epoch > self.final["epoch"]:
+            self.final = {"epoch": epoch, "loss": saved["final_loss"], "pred": saved["final_pred"],
+                          "confidence": saved["final_confidence"]}
+
+    def _split_legacy_state(self) -> None:
+        """A state kept whole in one file (earlier versions): loaded, and written out per epoch."""
+        saved = storage.read_npz(legacy_shard_state(self.spec.state_uri))
         if saved is None or saved["curvature"].shape != self.curvature.shape:
             return
         self.curvature = saved["curvature"]
-        # a state saved before raycurv kept margins has train_loss only: the rest stay NaN
         self.training.update({name: saved[name] for name in TRAINING_RECORDS if name in saved})
         self.final = {"epoch": int(saved["final_epoch"]), "loss": saved["final_loss"],
                       "pred": saved["final_pred"], "confidence": saved["final_confidence"]}
+        recorded = ~np.isnan(self.curvature).all(axis=(0, 2)) | ~np.isnan(self.train_loss).all(axis=1)
+        for epoch in np.flatnonzero(recorded):
+            self._save(int(epoch))
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
@@ -186,8 +235,8 @@ class CurvatureActor:
     def scored_epochs(self) -> list[int]:
         return self.scorer.scored_epochs
 
-    def state(self) -> dict[str, np.ndarray]:
-        return self.scorer.state()
+    def summary(self) -> dict[str, Any]:
+        return self.scorer.summary()
 
     def pid(self) -> int:
         return os.getpid()
@@ -211,8 +260,8 @@ class CurvaturePool:
         training_ref = ray.put(training)
         return [actor.score_epoch.remote(epoch, weights_ref, training_ref) for actor in self.actors]
 
-    def states(self) -> list[dict[str, np.ndarray]]:
-        return ray.get([actor.state.remote() for actor in self.actors])
+    def summaries(self) -> list[dict[str, Any]]:
+        return ray.get([actor.summary.remote() for actor in self.actors])
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -253,23 +302,32 @@ def start_pool(spec: ScoreSpec, data: Prepared) -> CurvaturePool:
     return CurvaturePool(actors=actors, max_lag=c.max_lag, shard_refs=refs)
 
 
-def merge_states(states: list[dict[str, np.ndarray]], data: Prepared) -> dict[str, np.ndarray]:
-    """Per-shard actor states -> per-sample arrays in dataset order (csl, the final model's
-    columns, the training-dynamics co-scores of raycurv.dynamics), and ``by_epoch``, the
-    (estimators, epochs, N) per-epoch curvature, NaN where an epoch was not scored."""
-    ordered = sorted(states, key=lambda s: int(s["start"]))
-    by_epoch = np.concatenate([s["curvature"] for s in ordered], axis=2)
-    training = {name: np.concatenate([s[name] for s in ordered], axis=1) for name in TRAINING_RECORDS}
-    if not (~np.isnan(by_epoch)).any(axis=1).all():
-        missing = int((~(~np.isnan(by_epoch)).any(axis=1)).sum())
-        raise RuntimeError(f"{missing} (estimator, sample) pairs were never scored")
-    return {
+@dataclass
+class Merged:
+    """The shards' summaries (ShardScorer.summary) joined in dataset order."""
+
+    columns: dict[str, np.ndarray]  # (N,) each: the columns every estimator's table shares
+    curvature: np.ndarray  # (estimators, N) mean over scored epochs
+    epochs_scored: np.ndarray  # (estimators, N)
+    scored: np.ndarray  # (estimators, epochs) bool: the epochs each estimator scored
+    shards: list[tuple[int, int, str]]  # (start, stop, state folder), in position order
+
+
+def merge_summaries(summaries: list[dict[str, Any]], data: Prepared) -> Merged:
+    """Per-shard summaries -> per-sample columns in dataset order (csl, the final model's
+    columns, the co-scores of raycurv.dynamics) and each estimator's curvature. Raises
+    RuntimeError when a sample was never scored."""
+    ordered = sorted(summaries, key=lambda s: s["start"])
+    epochs_scored = np.concatenate([s["epochs_scored"] for s in ordered], axis=1)
+    if not (epochs_scored > 0).all():
+        raise RuntimeError(f"{int((epochs_scored == 0).sum())} (estimator, sample) pairs were never scored")
+    per_sample = ("csl", *CO_SCORES, "final_loss", "final_confidence", "final_pred")
+    columns = {
         "sample_id": data.sample_ids, "label": data.labels, "original_label": data.original_labels,
         "corrupted": data.corrupted, "duplicate_of": data.duplicate_of,
-        "csl": np.nansum(training["train_loss"], axis=0),
-        **co_scores(training["train_margin"], training["train_prob_margin"]),
-        "final_loss": np.concatenate([s["final_loss"] for s in ordered]),
-        "final_confidence": np.concatenate([s["final_confidence"] for s in ordered]),
-        "final_pred": np.concatenate([s["final_pred"] for s in ordered]),
-        "by_epoch": by_epoch,
-    }
+        **{name: np.concatenate([s[name] for s in ordered]) for name in per_sample}}
+    return Merged(columns=columns,
+                  curvature=np.concatenate([s["curvature"] for s in ordered], axis=1),
+                  epochs_scored=epochs_scored,
+                  scored=np.logical_or.reduce([s["scored"] for s in ordered]),
+                  shards=[(s["start"], s["stop"], s["state_uri"]) for s in ordered])

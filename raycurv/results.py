@@ -1,21 +1,26 @@
-"""A run's results: the merged actor states (raycurv.actors.merge_states) turned into each
+"""A run's results: the shards' merged summaries (raycurv.actors.merge_summaries) turned into each
 estimator's score table (contract 1.1, with its metadata: curvature, csl, the final model's
-columns and the training-dynamics co-scores) and per-epoch table, written to the run folder.
-Higher curvature = more memorized."""
+columns and the training-dynamics co-scores), and each estimator's per-epoch table streamed from
+the shards' per-epoch records, written to the run folder. Higher curvature = more memorized."""
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 import raycurv
+from raycurv import storage
 from raycurv.config import EstimatorSpec, ScoreSpec
 from raycurv.data import Prepared
-from raycurv.runfolder import RunFolder
+from raycurv.runfolder import RunFolder, shard_epoch_file
 from raycurv.table import BY_EPOCH_SCHEMA, build_table
+
+if TYPE_CHECKING:  # Ray and torch: not needed to write tables
+    from raycurv.actors import Merged
 
 
 def table_metadata(spec: ScoreSpec, data: Prepared, estimator: EstimatorSpec,
@@ -43,25 +48,50 @@ def estimator_folder(spec: ScoreSpec, estimator: EstimatorSpec, *, primary: bool
     return folder if primary else folder.estimator(estimator.name)
 
 
-def write_results(spec: ScoreSpec, data: Prepared, merged: dict[str, np.ndarray]) -> dict[str, pa.Table]:
+def write_results(spec: ScoreSpec, data: Prepared, merged: Merged) -> dict[str, pa.Table]:
     """Write each estimator's per-epoch table, then its score table (each atomically, the score
-    table last: its presence means the run is complete). Returns the score tables by estimator
-    name, the primary first."""
-    merged = dict(merged)
-    by_epoch = merged.pop("by_epoch")  # (estimators, epochs, N), NaN where not scored
+    tables last: their presence means the run is complete). Returns the score tables by
+    estimator name, the primary first."""
+    estimators = spec.curvature.estimators
+    folders = [estimator_folder(spec, e, primary=k == 0) for k, e in enumerate(estimators)]
+    write_by_epoch(folders, merged, data.sample_ids, epochs=spec.train.epochs)
     tables = {}
-    for k, estimator in enumerate(spec.curvature.estimators):
-        values = by_epoch[k]  # (epochs, N)
-        scored = ~np.isnan(values)
-        epochs = [int(e) for e in np.flatnonzero(scored.any(axis=1))]
-        columns = {**merged, "curvature": np.nanmean(values, axis=0), "epochs_scored": scored.sum(axis=0)}
+    for k, (estimator, folder) in enumerate(zip(estimators, folders, strict=True)):
+        columns = {**merged.columns, "curvature": merged.curvature[k],
+                   "epochs_scored": merged.epochs_scored[k]}
+        epochs = [int(e) for e in np.flatnonzero(merged.scored[k])]
         table = build_table(columns, table_metadata(spec, data, estimator, epochs))
-        long_epoch, long_pos = np.nonzero(scored)
-        per_epoch = pa.Table.from_arrays(
-            [pa.array(data.sample_ids[long_pos]), pa.array(long_epoch.astype(np.int32)),
-             pa.array(values[long_epoch, long_pos].astype(np.float32))], schema=BY_EPOCH_SCHEMA)
-        folder = estimator_folder(spec, estimator, primary=k == 0)
-        folder.write_by_epoch(per_epoch)
         folder.write_scores(table)
         tables[estimator.name] = table
     return tables
+
+
+def write_by_epoch(folders: list[RunFolder], merged: Merged, sample_ids: np.ndarray, *,
+                   epochs: int, rows_per_group: int = 1 << 20) -> None:
+    """Each estimator's (sample_id, epoch, curvature) rows of every scored epoch, epoch by epoch
+    and in sample order within one, read from the shards' per-epoch records and streamed into
+    ``folders[k]``'s per-epoch table: one shard's epoch is in memory at a time."""
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(storage.parquet_writer(f.by_epoch, BY_EPOCH_SCHEMA))
+                   for f in folders]
+        pending: list[list[pa.Table]] = [[] for _ in folders]
+        for epoch in range(epochs):
+            if not merged.scored[:, epoch].any():
+                continue
+            for start, stop, state in merged.shards:
+                record = storage.read_npz(shard_epoch_file(state, epoch))
+                if record is None:
+                    continue
+                for k, values in enumerate(record["curvature"]):  # (n,) per estimator
+                    keep = np.flatnonzero(~np.isnan(values))
+                    pending[k].append(pa.Table.from_arrays(
+                        [pa.array(sample_ids[start:stop][keep]),
+                         pa.array(np.full(len(keep), epoch, np.int32)),
+                         pa.array(values[keep].astype(np.float32))], schema=BY_EPOCH_SCHEMA))
+            for k, writer in enumerate(writers):
+                if sum(len(t) for t in pending[k]) >= rows_per_group:
+                    writer.write_table(pa.concat_tables(pending[k]), row_group_size=rows_per_group)
+                    pending[k] = []
+        for k, writer in enumerate(writers):
+            if pending[k]:
+                writer.write_table(pa.concat_tables(pending[k]), row_group_size=rows_per_group)

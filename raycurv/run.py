@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 import raycurv
 from raycurv import storage
-from raycurv.actors import merge_states, start_pool
+from raycurv.actors import merge_summaries, start_pool
 from raycurv.cluster import check_resources, ensure_ray
 from raycurv.config import ScoreSpec
 from raycurv.data import Prepared, materialize, plane, prepare_dataset
@@ -165,7 +165,7 @@ def score_run(spec: ScoreSpec, *, address: str | None = None,
     pool = start_pool(spec, data)
     try:
         result = fit(spec, data, pool, extra_config=extra_config, verbose=verbose)
-        merged = merge_states(pool.states(), data)
+        merged = merge_summaries(pool.summaries(), data)
     finally:
         pool.shutdown()
     tables = write_results(spec, data, merged)

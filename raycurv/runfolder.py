@@ -5,7 +5,10 @@ through raycurv.storage, so a run folder works the same on a local path, file://
     <run>/scores.parquet               the score table (contract v1, raycurv.table), validated on write
     <run>/curvature_by_epoch.parquet   sample_id, epoch, curvature of every scored epoch
     <run>/train/                       Ray Train's checkpoints (model, optimizer, scheduler, epoch)
-    <run>/shards/shard-KKKK.npz        each curvature actor's running state
+    <run>/shards/shard-KKKK/epoch-EEEE.npz
+                                       what each curvature actor recorded of each epoch: written
+                                       once per epoch, never rewritten (shard-KKKK.npz, the whole
+                                       state in one file as earlier versions kept it, is split)
     <run>/epochs/epoch-EEEE.pt         an epoch's weights until every actor scored it
     <run>/estimators/<name>/           a further estimator's scores and per-epoch table
     <run>/data/                        the prepared dataset of an image folder or Parquet source
@@ -116,7 +119,8 @@ class RunFolder:
         return str(local) if local is not None else self.location
 
     def shard_state(self, index: int) -> str:
-        return self.path(SHARDS_DIR, f"shard-{index:04d}.npz")
+        """The folder of curvature actor ``index``'s state (see shard_epoch_file)."""
+        return self.path(SHARDS_DIR, f"shard-{index:04d}")
 
     def epoch_weights(self, epoch: int) -> str:
         return self.path(EPOCHS_DIR, f"epoch-{epoch:04d}.pt")
@@ -178,6 +182,26 @@ class RunFolder:
 
     def write_by_epoch(self, table: pa.Table) -> None:
         storage.write_parquet(self.by_epoch, table.cast(BY_EPOCH_SCHEMA))
+
+
+def shard_epoch_file(shard_state: str, epoch: int) -> str:
+    """Where a shard's record of ``epoch`` lives inside its state folder."""
+    return storage.join(shard_state, f"epoch-{epoch:04d}.npz")
+
+
+def shard_epoch_files(shard_state: str) -> dict[int, str]:
+    """Epoch -> location of every epoch a shard has recorded (none when the folder is absent)."""
+    out = {}
+    for location in storage.list_files(shard_state):
+        name = location.rsplit("/", 1)[-1]
+        if name.startswith("epoch-") and name.endswith(".npz") and name[6:-4].isdigit():
+            out[int(name[6:-4])] = location
+    return dict(sorted(out.items()))
+
+
+def legacy_shard_state(shard_state: str) -> str:
+    """The whole state in one file, as earlier versions kept it, beside the folder: shards/shard-KKKK.npz."""
+    return f"{shard_state.rstrip('/')}.npz"
 
 
 def read_table_file(location: str, *, memory_map: bool = True,

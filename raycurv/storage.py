@@ -4,11 +4,13 @@ a single put on object stores."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import stat
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +115,26 @@ def write_parquet(location: str, table: pa.Table) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     write_bytes(location, sink.getvalue().to_pybytes())
+
+
+@contextlib.contextmanager
+def parquet_writer(location: str, schema: pa.Schema):
+    """A pyarrow ParquetWriter (``write_table`` as often as wanted) whose file appears at
+    ``location`` only when the block ends without an error: written under a temporary name
+    beside it, then moved (a rename locally, a server-side copy on object stores), so readers
+    see the old file or the whole new one; the temporary file is removed on error."""
+    fs, path = _resolve(location)
+    parent, _, name = path.rpartition("/")
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with fs.open_output_stream(tmp) as out, pq.ParquetWriter(out, schema) as writer:
+            yield writer
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
 
 
 def read_parquet(location: str, *, memory_map: bool = True,

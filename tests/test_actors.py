@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raycurv import storage
-from raycurv.actors import ShardScorer, ShardSpec, merge_states, shard_specs
+from raycurv.actors import ShardScorer, ShardSpec, merge_summaries, shard_specs
 from raycurv.config import CurvatureSpec, DataSpec, ScoreSpec
 from raycurv.curvature import curvature
 from raycurv.data import prepare_dataset
@@ -46,7 +46,7 @@ def _weights(seed: int):
 
 @pytest.mark.parametrize("optimize", [True, False])
 def test_every_estimator_equals_its_own_plain_call(digits, tmp_path, optimize):
-    scorer = _scorer(digits, tmp_path / "s.npz", optimize=optimize)
+    scorer = _scorer(digits, tmp_path / "s", optimize=optimize)
     scorer.score_epoch(2, _weights(0), _training(np.arange(300, dtype=np.float32)))
     model = build_model("small_cnn", in_channels=1, num_classes=10)
     model.load_state_dict(_weights(0))
@@ -67,12 +67,12 @@ def test_every_estimator_equals_its_own_plain_call(digits, tmp_path, optimize):
 
 
 def test_an_epoch_scored_twice_counts_once_and_state_survives_a_restart(digits, tmp_path):
-    scorer = _scorer(digits, tmp_path / "s.npz")
+    scorer = _scorer(digits, tmp_path / "s")
     first = scorer.score_epoch(0, _weights(0), _training(np.ones(300, np.float32)))
     again = scorer.score_epoch(0, _weights(1), _training(np.full(300, 5.0, np.float32)))
     assert first["samples"] == 260 and again["samples"] == 0
     scorer.score_epoch(1, _weights(1), _training(np.ones(300, np.float32)))
-    restarted = _scorer(digits, tmp_path / "s.npz")
+    restarted = _scorer(digits, tmp_path / "s")
     assert restarted.scored_epochs == [0, 1]
     np.testing.assert_array_equal(restarted.curvature, scorer.curvature)
     for name in TRAINING_RECORDS:
@@ -80,38 +80,84 @@ def test_an_epoch_scored_twice_counts_once_and_state_survives_a_restart(digits, 
     assert restarted.final["epoch"] == 1
 
 
-def test_a_state_from_before_margins_resumes_without_co_scores(digits, tmp_path):
-    """A shard state saved before raycurv kept margins (train_loss only) loads with its margins
-    missing: csl stays exact, and the merge leaves those samples' co-scores null."""
-    scorer = _scorer(digits, tmp_path / "s.npz")
+def test_each_epoch_is_written_once_and_never_rewritten(digits, tmp_path):
+    """Persistence is incremental: scoring epoch 1 writes epoch 1's record and leaves epoch 0's
+    file as it was; each record holds the shard's n values of that epoch only."""
+    scorer = _scorer(digits, tmp_path / "s")
+    scorer.score_epoch(0, _weights(0), _training(np.ones(300, np.float32)))
+    first = (tmp_path / "s" / "epoch-0000.npz").stat()
+    scorer.score_epoch(1, None, _training(np.full(300, 2.0, np.float32)))  # an unscored epoch
+    assert sorted(f.name for f in (tmp_path / "s").iterdir()) == ["epoch-0000.npz", "epoch-0001.npz"]
+    assert (tmp_path / "s" / "epoch-0000.npz").stat().st_mtime_ns == first.st_mtime_ns
+    record = storage.read_npz(str(tmp_path / "s" / "epoch-0001.npz"))
+    assert record["curvature"].shape == (len(ESTIMATORS), 260) and np.isnan(record["curvature"]).all()
+    np.testing.assert_array_equal(record["train_loss"], np.full(260, 2.0, np.float32))
+    assert "final_loss" not in record  # the final model's columns go with the latest scored epoch
+
+
+def test_a_whole_state_file_from_earlier_versions_is_split_and_resumes(digits, tmp_path):
+    """shard-KKKK.npz (the whole state in one file, with train_loss only, as before margins were
+    kept) loads, is written out per epoch, and resumes: csl stays exact and the samples without
+    margins get null co-scores in the merge."""
+    scorer = _scorer(digits, tmp_path / "s")
     scorer.score_epoch(0, _weights(0), {"train_loss": np.ones(300, np.float32)})
-    state = scorer.state()
-    for name in ("train_margin", "train_prob_margin"):
-        assert np.isnan(state.pop(name)).all()
-    storage.write_npz(str(tmp_path / "s.npz"), state)  # as an older raycurv wrote it
-    restarted = _scorer(digits, tmp_path / "s.npz")
+    storage.write_npz(str(tmp_path / "old.npz"), {  # as an older raycurv wrote it
+        "start": np.int64(40), "curvature": scorer.curvature, "train_loss": scorer.train_loss,
+        "final_epoch": np.int64(0), "final_loss": scorer.final["loss"],
+        "final_pred": scorer.final["pred"], "final_confidence": scorer.final["confidence"]})
+    restarted = _scorer(digits, tmp_path / "old")
+    assert restarted.scored_epochs == [0]
+    assert sorted(f.name for f in (tmp_path / "old").iterdir()) == ["epoch-0000.npz"]
+    np.testing.assert_array_equal(restarted.curvature, scorer.curvature)
     assert np.isnan(restarted.training["train_margin"]).all()
     for epoch in (1, 2):
         restarted.score_epoch(epoch, _weights(epoch), _training(np.full(300, 0.5, np.float32)))
-    head = _scorer(digits, tmp_path / "head.npz", start=0, stop=40)
+    head = _scorer(digits, tmp_path / "head", start=0, stop=40)
     for epoch in range(3):
         head.score_epoch(epoch, _weights(epoch), _training(np.full(300, 0.5, np.float32)))
-    merged = merge_states([restarted.state(), head.state()], digits)
+    merged = merge_summaries([restarted.summary(), head.summary()], digits).columns
     np.testing.assert_array_equal(merged["csl"][40:], np.float32(2.0))
     assert np.isnan(merged["aum"][40:]).all() and (merged["forgetting_events"][40:] == -1).all()
     np.testing.assert_array_equal(merged["aum"][:40], np.float32(0.5))
     np.testing.assert_array_equal(merged["learned_epoch"][:40], 0)
 
 
+def test_the_merge_equals_the_per_epoch_arrays_reduced_whole(digits, tmp_path):
+    """Shards reduced on their own and joined give exactly what reducing the whole (epochs, N)
+    arrays gives; a sample never scored is an error."""
+    shards = [_scorer(digits, tmp_path / f"s{k}", start=a, stop=b)
+              for k, (a, b) in enumerate(((0, 128), (128, 300)))]
+    rng = np.random.default_rng(0)
+    losses = [rng.random(300).astype(np.float32) for _ in range(3)]
+    for epoch in (0, 2):
+        for shard in shards:
+            shard.score_epoch(epoch, _weights(epoch), _training(losses[epoch]))
+    for shard in shards:
+        shard.score_epoch(1, None, _training(losses[1]))
+    merged = merge_summaries([s.summary() for s in reversed(shards)], digits)
+    whole = np.concatenate([s.curvature for s in shards], axis=2)  # (estimators, epochs, N)
+    for k in range(len(ESTIMATORS)):
+        np.testing.assert_array_equal(merged.curvature[k], np.nanmean(whole[k], axis=0))
+    np.testing.assert_array_equal(merged.epochs_scored, np.full((len(ESTIMATORS), 300), 2))
+    np.testing.assert_array_equal(merged.scored, np.tile([True, False, True], (len(ESTIMATORS), 1)))
+    np.testing.assert_array_equal(merged.columns["csl"], np.sum(losses, axis=0, dtype=np.float32))
+    np.testing.assert_array_equal(merged.columns["final_pred"][:128], shards[0].final["pred"])
+    assert [s[:2] for s in merged.shards] == [(0, 128), (128, 300)]
+    lonely = _scorer(digits, tmp_path / "lonely", start=0, stop=300)
+    lonely.score_epoch(0, None, _training(losses[0]))
+    with pytest.raises(RuntimeError, match="never scored"):
+        merge_summaries([lonely.summary()], digits)
+
+
 def test_training_records_need_the_loss(digits, tmp_path):
     with pytest.raises(ValueError, match="lack train_loss"):
-        _scorer(digits, tmp_path / "s.npz").score_epoch(0, None, {"train_margin": np.ones(300)})
+        _scorer(digits, tmp_path / "s").score_epoch(0, None, {"train_margin": np.ones(300)})
 
 
 def test_hvp_in_half_precision_scores_like_a_direct_call(digits, tmp_path):
     spec = ShardSpec(index=0, start=0, stop=100, epochs=1, model="small_cnn", in_channels=1,
                      num_classes=10, norm=digits.norm, seed=4,
-                     estimators=((0.03, 3, "norm"),), batch_size=64, state_uri=str(tmp_path / "h.npz"),
+                     estimators=((0.03, 3, "norm"),), batch_size=64, state_uri=str(tmp_path / "h"),
                      method="hvp", precision="bf16")
     scorer = ShardScorer(spec, digits.images[:100], digits.labels[:100], digits.sample_ids[:100])
     scorer.score_epoch(0, _weights(0), _training(np.zeros(300, np.float32)))

@@ -76,7 +76,7 @@ def test_killed_curvature_actor_restarts_without_losing_or_double_counting(digit
     driver = threading.Thread(target=drive)
     driver.start()
     deadline = time.time() + 120
-    while time.time() < deadline and not (run_dir / "shards" / "shard-0001.npz").exists():
+    while time.time() < deadline and not list((run_dir / "shards" / "shard-0001").glob("epoch-*.npz")):
         time.sleep(0.2)
     pids = _alive_actor_pids(ray_cluster)
     assert pids, "no curvature actor found to kill"

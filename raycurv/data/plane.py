@@ -269,9 +269,10 @@ class StoreImages:
         return (len(self), *self.store.shape)
 
     def _read(self, location: str) -> pa.Table:
-        if self._cached is None or self._cached[0] != location:
-            self._cached = (location, storage.read_parquet(location, columns=["image"]))
-        return self._cached[1]
+        cached = self._cached  # one read of the attribute: safe when threads share the view
+        if cached is None or cached[0] != location:
+            cached = self._cached = (location, storage.read_parquet(location, columns=["image"]))
+        return cached[1]
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         a, b, _ = rows.indices(len(self))

@@ -11,11 +11,11 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from raycurv.data.plane import StoreImages
 from raycurv.pixels import png_bytes
 from raycurv.rundata import load_run_data
 from raycurv.runfolder import RunFolder
@@ -30,13 +30,13 @@ class RunImages:
 
     scale: float
     array: np.ndarray | None = None  # (N, C, H, W), in memory
-    store: Any = None  # else a prepared dataset with read_rows(start, stop)
+    store: StoreImages | None = None  # else the rows of a prepared dataset, read part by part
 
     def image(self, position: int) -> np.ndarray:
         """One (C, H, W) image."""
         if self.array is not None:
             return self.array[position]
-        return self.store.read_rows(position, position + 1)["image"][0]
+        return self.store[position:position + 1][0]
 
     def png(self, position: int, side: int | None = None) -> bytes:
         """The PNG of one image, its longer side ``side`` pixels (native size when None)."""
@@ -48,8 +48,9 @@ def load_images(folder: RunFolder, sample_ids: np.ndarray, labels: np.ndarray) -
     (in row order). Raises raycurv.errors.UsageError (one line) when they cannot be had: no run
     record, data moved or changed since the run, samples or labels that do not match."""
     data = load_run_data(folder, pa.table({"sample_id": sample_ids, "label": labels}))
-    return RunImages(scale=float(data.norm.scale), array=data.load_images(),
-                     store=getattr(data, "store", None))
+    if data.store is not None:  # a prepared dataset: read row by row, never whole
+        return RunImages(scale=float(data.norm.scale), store=StoreImages(data.store, 0, len(data)))
+    return RunImages(scale=float(data.norm.scale), array=data.load_images())
 
 
 class PngCache:
