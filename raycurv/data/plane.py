@@ -19,7 +19,6 @@ import fnmatch
 import hashlib
 import io
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -293,55 +292,61 @@ def images_of(column, shape: tuple[int, int, int]) -> np.ndarray:
     return flat.reshape(len(values), *shape)
 
 
-def _write_part(batch: dict) -> dict:
-    """Ray Data map: decode one chunk of rows and write it as one part; returns its hash."""
-    spec = json.loads(batch["spec"])
-    refs = pa.Table.from_pylist(spec["refs"])
-    images = decode_refs(refs, image_column=spec["image_column"],
-                         size=tuple(spec["size"]) if spec["size"] else None)
-    if any(im.shape != tuple(spec["shape"]) for im in images):
-        bad = next(i for i, im in enumerate(images) if im.shape != tuple(spec["shape"]))
-        raise UsageError(f"{refs.column('path')[bad].as_py()} has shape {images[bad].shape}, the "
-                         f"first image {tuple(spec['shape'])}: pass --image-size to resize them")
-    table = pa.table({"sample_id": pa.array(spec["sample_id"], pa.int64()),
-                      "label": pa.array(spec["label"], pa.int64()),
-                      "path": refs.column("path"),
+def _write_part(chunk: dict, *, rows: list, settings: dict) -> dict:
+    """Ray Data map: decode rows [start, stop) of the listing (``rows[0]``, an object ref to an
+    Arrow table: sample_id, label and the refs columns) and write them as one part; returns its
+    row count and hash."""
+    import ray
+
+    listing = ray.get(rows[0]).slice(chunk["start"], chunk["stop"] - chunk["start"])
+    images = decode_refs(listing, image_column=settings["image_column"], size=settings["size"])
+    shape = settings["shape"]
+    if any(im.shape != shape for im in images):
+        bad = next(i for i, im in enumerate(images) if im.shape != shape)
+        raise UsageError(f"{listing.column('path')[bad].as_py()} has shape {images[bad].shape}, the "
+                         f"first image {shape}: pass --image-size to resize them")
+    sample_ids = listing.column("sample_id").to_numpy()
+    table = pa.table({"sample_id": listing.column("sample_id"), "label": listing.column("label"),
+                      "path": listing.column("path"),
                       "image": pa.array([im.tobytes() for im in images], pa.binary())},
                      schema=STORE_SCHEMA)
-    storage.write_parquet(storage.join(spec["location"], spec["part"]), table)
-    digest = hashlib.sha256(np.concatenate([np.asarray(spec["sample_id"], np.int64).view(np.uint8),
+    storage.write_parquet(storage.join(settings["location"], chunk["part"]), table)
+    digest = hashlib.sha256(np.concatenate([sample_ids.astype(np.int64).view(np.uint8),
                                             np.frombuffer(b"".join(im.tobytes() for im in images),
                                                           np.uint8)])).hexdigest()
-    return {"part": spec["part"], "rows": len(images), "sha": digest}
+    return {"part": chunk["part"], "rows": len(images), "sha": digest}
 
 
 def write_store(location: str, *, sample_ids: np.ndarray, labels: np.ndarray, refs: pa.Table,
                 image_column: str, size: tuple[int, int] | None, seed: int) -> Store:
     """Decode, resize and write every sample (in the order given) as a prepared dataset at
     ``location``, in parallel through Ray Data; the manifest is written last, so a store is either
-    complete or absent. Returns it."""
+    complete or absent. Returns it. The listing goes to the tasks once, as one Arrow table in the
+    object store; each task is told only its row range."""
+    import ray
     import ray.data
 
-    shape = list(probe_shape(refs, image_column=image_column, size=size))
-    parts = math.ceil(len(sample_ids) / ROWS_PER_PART)
-    chunks = [{"spec": json.dumps({
-        "location": location, "part": f"part-{k:05d}.parquet", "image_column": image_column,
-        "size": size, "shape": shape,
-        "sample_id": sample_ids[k * ROWS_PER_PART:(k + 1) * ROWS_PER_PART].tolist(),
-        "label": labels[k * ROWS_PER_PART:(k + 1) * ROWS_PER_PART].tolist(),
-        "refs": refs.slice(k * ROWS_PER_PART, ROWS_PER_PART).to_pylist()})} for k in range(parts)]
+    shape = probe_shape(refs, image_column=image_column, size=size)
+    listing = refs.append_column("sample_id", pa.array(sample_ids, pa.int64())).append_column(
+        "label", pa.array(labels, pa.int64()))
+    chunks = [{"part": f"part-{k:05d}.parquet", "start": start,
+               "stop": min(start + ROWS_PER_PART, len(sample_ids))}
+              for k, start in enumerate(range(0, len(sample_ids), ROWS_PER_PART))]
+    settings = {"location": location, "image_column": image_column, "size": size, "shape": shape}
     try:
-        written = ray.data.from_items(chunks).map(_write_part).take_all()
+        written = (ray.data.from_items(chunks)
+                   .map(_write_part, fn_kwargs={"rows": [ray.put(listing)], "settings": settings})
+                   .take_all())
     except Exception as exc:  # a task's UsageError arrives wrapped in Ray's errors
         raise UsageError(_usage_line(exc) or f"preparing the dataset failed: "
                          f"{str(exc).splitlines()[0]}") from None
     written.sort(key=lambda r: r["part"])
     store = Store(location, tuple(r["part"] for r in written), tuple(r["rows"] for r in written),
-                  tuple(shape), (), (), hashlib.sha256("".join(r["sha"] for r in written).encode()).hexdigest()[:16])
+                  shape, (), (), hashlib.sha256("".join(r["sha"] for r in written).encode()).hexdigest()[:16])
     mean, std = _sample_stats(store, seed)
     store = dataclasses.replace(store, mean=mean, std=std)
     storage.write_bytes(storage.join(location, MANIFEST), json.dumps({
-        "parts": store.parts, "rows": store.rows, "shape": shape, "mean": mean, "std": std,
+        "parts": store.parts, "rows": store.rows, "shape": list(shape), "mean": mean, "std": std,
         "fingerprint": store.fingerprint}).encode())
     return store
 
