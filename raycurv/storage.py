@@ -69,6 +69,17 @@ def read_bytes(location: str) -> bytes | None:
         return src.read()
 
 
+def read_prefix(location: str, nbytes: int) -> bytes | None:
+    """The first ``nbytes`` bytes of the file (all of it when shorter), or None if there is no
+    such file."""
+    fs, path = _resolve(location)
+    try:
+        with fs.open_input_stream(path) as src:
+            return src.read(nbytes)
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+
+
 def exists(location: str) -> bool:
     fs, path = _resolve(location)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

@@ -80,6 +80,22 @@ def test_mixed_sizes_without_image_size_is_one_line(capsys, mixed_folder, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+def test_the_size_check_reads_a_spread_of_headers_not_every_file(tmp_path, monkeypatch):
+    """A large folder is not read whole before anything starts: CHECKED_FILES headers, spread
+    from the first file to the last, each a prefix of its file."""
+    for i in range(plane.CHECKED_FILES + 100):
+        folder = tmp_path / "many" / f"class-{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        side = 5 if i == plane.CHECKED_FILES + 99 else 4
+        (folder / f"{i:04d}.png").write_bytes(_png(np.full((side, side), i % 256, np.uint8)))
+    read = []
+    real = storage.read_prefix
+    monkeypatch.setattr(storage, "read_prefix", lambda path, n: read.append(path) or real(path, n))
+    with pytest.raises(UsageError, match=r"class-0/0000.png is 4x4, .*class-1/0611.png is 5x5"):
+        prepare_dataset(DataSpec(dataset="imagefolder", data_root=str(tmp_path / "many")), seed=0)
+    assert len(read) == plane.CHECKED_FILES
+
+
 @pytest.mark.parametrize("root", ["{d}", "{d}/part-1.parquet", "{d}/part-*.parquet"])
 def test_parquet_file_folder_or_glob(tmp_path, root):
     write_parquet_dataset(tmp_path)

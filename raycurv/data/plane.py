@@ -37,6 +37,8 @@ STATS_SAMPLE = 10_000  # images the normalization statistics are measured on
 READ_TASK_CPUS = 0.25
 STREAM_CPUS = 0.5
 CHECKED_ROWS = 64  # rows of each Parquet file decoded before anything is written
+CHECKED_FILES = 512  # image files whose sizes are read before anything is written
+HEADER_BYTES = 256 << 10  # of each: enough for the header of a PNG or a JPEG with its EXIF block
 MANIFEST = "manifest.json"
 STORE_SCHEMA = pa.schema([
     pa.field("sample_id", pa.int64(), nullable=False),
@@ -380,9 +382,10 @@ def _sample_stats(store: Store, seed: int) -> tuple[tuple[float, ...], tuple[flo
 
 def check_images(refs: pa.Table, *, image_column: str, size: tuple[int, int] | None) -> None:
     """Before anything is written, refuse with one line what would fail later: image files of
-    mixed sizes without --image-size (read from the headers only), and in a Parquet dataset the
-    first CHECKED_ROWS rows of every file (decoded: nulls, strings, ragged or mixed-size cells).
-    A bad row further in is still one line, from the write (after Ray has started)."""
+    mixed sizes without --image-size (the headers of up to CHECKED_FILES files spread evenly over
+    the listing, a prefix of each read), and in a Parquet dataset the first CHECKED_ROWS rows of
+    every file (decoded: nulls, strings, ragged or mixed-size cells). A bad image further in is
+    still one line, from the write (after Ray has started)."""
     if "file" in refs.column_names:
         files = np.asarray(refs.column("file").to_pylist())
         first = np.concatenate([np.flatnonzero(files == f)[:CHECKED_ROWS] for f in dict.fromkeys(files)])
@@ -391,15 +394,28 @@ def check_images(refs: pa.Table, *, image_column: str, size: tuple[int, int] | N
         return
     if size is not None:
         return
+    paths = refs.column("path")
+    spread = np.unique(np.linspace(0, len(paths) - 1, min(len(paths), CHECKED_FILES)).astype(np.int64))
     first = None
-    for path in refs.column("path").to_pylist():
-        with Image.open(io.BytesIO(storage.read_bytes(path) or b"")) as img:
-            found = img.size
+    for path in paths.take(pa.array(spread)).to_pylist():
+        found = _header_size(path)
         first = first or (found, path)
         if found != first[0]:
             raise UsageError(f"images differ in size: {first[1]} is {first[0][0]}x{first[0][1]}, "
                              f"{path} is {found[0]}x{found[1]} (width x height); pass "
                              "--image-size H[xW] to resize them")
+
+
+def _header_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image file from its header: a prefix of the file, all of it when
+    the header lies further in."""
+    for data in (storage.read_prefix(path, HEADER_BYTES), storage.read_bytes(path)):
+        try:
+            with Image.open(io.BytesIO(data or b"")) as img:
+                return img.size
+        except Exception as exc:  # PIL raises several types for files it cannot identify
+            error = exc
+    raise UsageError(f"cannot decode image {path}: {error}")
 
 
 def _same_shape(images: list[np.ndarray], paths: list[str]) -> None:
