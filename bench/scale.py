@@ -110,6 +110,7 @@ def one_size(n: int, files: int, epochs: int, compare: bool) -> dict:
             started = time.perf_counter()
             result = score_run(spec)
             run_s = time.perf_counter() - started
+        # the high-water mark of writing, training and scoring (before the comparison below)
         out = {"n": n, "run_s": run_s, "driver_peak_rss_gb": resource.getrusage(
             resource.RUSAGE_SELF).ru_maxrss / 1024**2,
             "worker_peak_rss_gb": workers.largest()[1], "worker_peak": workers.largest()[0],
@@ -148,7 +149,9 @@ def main() -> None:
         child = subprocess.run([sys.executable, "-m", "bench.scale", "--one", str(n), "--files",
                                 str(args.files), "--epochs", str(args.epochs),
                                 *(["--compare"] if n == sizes[0] else [])],
-                               capture_output=True, text=True, check=True)
+                               capture_output=True, text=True)
+        if child.returncode:
+            sys.exit(f"N={n} failed:\n{child.stderr[-4000:]}")
         results[n] = json.loads(child.stdout.strip().splitlines()[-1])
         r = results[n]
         print(f"N={n}: run {r['run_s']:.0f} s; driver peak RSS {r['driver_peak_rss_gb']:.2f} GB; "
