@@ -79,6 +79,16 @@ def _all_reduce(array: np.ndarray) -> np.ndarray:
     return tensor.numpy()
 
 
+def _per_sample_mean(sums: np.ndarray) -> np.ndarray:
+    """(records + 1, N) sums and count, all workers' -> (records, N): each record's mean over the
+    times the sample was trained this epoch (a streamed dataset padded to equal worker shares
+    trains a few samples twice; everything else once, and its value is kept as it is)."""
+    records, count = sums[:-1], sums[-1]
+    again = count > 1
+    records[:, again] /= count[again]
+    return records
+
+
 def _maybe_fault(config: dict[str, Any], epoch: int, rank: int) -> None:
     """Test hook: kill this worker process once, at the start of ``fault_epoch`` on rank 0."""
     marker = config.get("fault_marker")
@@ -132,9 +142,10 @@ def epoch_data(data: TrainData, *, world: int, rank: int, batch_size: int, seed:
 
 def _train_epoch(model, opt, data: TrainData, batches, *, device, generator, pad):
     """One pass over this worker's batches; returns the per-position training records
-    (len(TRAINING_RECORDS), N) float64 (loss, logit margin, probability margin; 0 at positions
-    other workers trained) and #correct."""
-    records = np.zeros((len(TRAINING_RECORDS), len(data.labels)), dtype=np.float64)
+    (len(TRAINING_RECORDS) + 1, N) float64: the sums of loss, logit margin and probability margin
+    over the times this worker trained the sample (0 at positions other workers trained), then
+    that count; and #correct."""
+    records = np.zeros((len(TRAINING_RECORDS) + 1, len(data.labels)), dtype=np.float64)
     correct = 0
     model.train()
     for positions, images, labels in batches:
@@ -147,8 +158,9 @@ def _train_epoch(model, opt, data: TrainData, batches, *, device, generator, pad
         opt.zero_grad(set_to_none=True)
         per_sample.mean().backward()
         opt.step()
-        records[:, positions] = torch.stack([per_sample.detach(), *training_margins(logits, y)]
-                                            ).cpu().numpy()
+        values = torch.stack([per_sample.detach(), *training_margins(logits, y),
+                              torch.ones_like(per_sample)]).cpu().numpy()
+        np.add.at(records, (slice(None), positions), values)  # a position twice in a batch: both
         correct += int((logits.argmax(1) == y).sum())
     return records, correct
 
@@ -188,7 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         records, correct = _train_epoch(model, opt, data, batches, device=device,
                                         generator=generator, pad=pad)
         sched.step()
-        records = _all_reduce(records)
+        records = _per_sample_mean(_all_reduce(records))
         losses = records[0]
         correct = int(_all_reduce(np.array([correct], dtype=np.int64))[0])
         train_seconds = time.perf_counter() - tic
@@ -294,7 +306,7 @@ def fit(spec: ScoreSpec, data: Prepared, pool, *, extra_config: dict[str, Any] |
     datasets = None
     if data.store is not None:  # streamed: Ray Train splits it among the workers
         DataContext.get_current().execution_options.preserve_order = True  # same order every run
-        datasets = {"train": data.store.dataset()}
+        datasets = {"train": data.store.dataset(multiple_of=t.workers)}
     trainer = TorchTrainer(
         train_loop_per_worker, datasets=datasets,
         train_loop_config={"spec": spec.model_dump(mode="json"), "data": ray.put(TrainData.of(data)),

@@ -242,12 +242,19 @@ class Store:
             first += count
         return {c: np.concatenate(v) if v else np.empty(0) for c, v in out.items()}
 
-    def dataset(self):
+    def dataset(self, *, multiple_of: int = 1):
         """The prepared dataset as a Ray Dataset (sample_id, label, image), in sample order: one
-        light read task per part (the parts are known, so nothing lists files)."""
+        light read task per part (the parts are known, so nothing lists files). ``multiple_of``:
+        the first rows are read again at the end to make the row count a multiple of it (Ray
+        Train splits a dataset among its workers in equal shares and would drop the remainder,
+        so a sample would go untrained)."""
         import ray.data
 
-        return (ray.data.from_items([{"part": p} for p in self.part_locations()])
+        items = [{"part": p, "take": -1} for p in self.part_locations()]
+        extra = -len(self) % multiple_of
+        if extra:
+            items.append({"part": self.part_locations()[0], "take": extra})
+        return (ray.data.from_items(items)
                 .map_batches(_read_parts, batch_size=1, batch_format="pyarrow",
                              num_cpus=READ_TASK_CPUS))
 
@@ -282,9 +289,12 @@ class StoreImages:
 
 
 def _read_parts(batch: pa.Table) -> pa.Table:
-    """Ray Data map: the rows of the parts named in ``batch`` (sample_id, label, image)."""
-    return pa.concat_tables([storage.read_parquet(p, columns=["sample_id", "label", "image"])
-                             for p in batch.column("part").to_pylist()])
+    """Ray Data map: the rows of the parts named in ``batch`` (sample_id, label, image); ``take``
+    >= 0: only that many of a part's first rows."""
+    tables = [storage.read_parquet(p, columns=["sample_id", "label", "image"])
+              for p in batch.column("part").to_pylist()]
+    return pa.concat_tables([t if k < 0 else t.slice(0, k)
+                             for t, k in zip(tables, batch.column("take").to_pylist(), strict=True)])
 
 
 def images_of(column, shape: tuple[int, int, int]) -> np.ndarray:
