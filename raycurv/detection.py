@@ -129,6 +129,34 @@ def evaluate_table(table: pa.Table) -> dict[str, Any]:
     return evaluate_columns(columns)
 
 
+def suspected_metrics(columns: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """How right the table's ``suspected`` kinds (raycurv.suspected) are where the truth is known:
+    ``columns`` holds ``suspected`` (object, str or None), ``corrupted``, ``duplicate_of`` (int,
+    negative or NaN for none) and ``sample_id``, each (N,).
+
+    - ``mislabel`` against injected label noise (``corrupted``);
+    - ``conflicting_duplicate`` against the injected conflicting copies and the samples they copy;
+    - ``atypical``: no truth; its share of corrupted samples says how much noise it holds.
+
+    Returns {kind: {flagged, precision, recall}} (``recall`` of atypical: None; precision NaN
+    where nothing is flagged, recall NaN where the truth is empty)."""
+    suspected = np.asarray(columns["suspected"], dtype=object)
+    corrupted = np.asarray(columns["corrupted"], dtype=bool)
+    copies = _is_duplicate(columns["duplicate_of"])
+    sources = np.isin(np.asarray(columns["sample_id"]),
+                      np.asarray(columns["duplicate_of"])[copies].astype(np.int64))
+    truth = {"mislabel": corrupted, "conflicting_duplicate": copies | sources, "atypical": corrupted}
+    out = {}
+    for kind, known in truth.items():
+        flagged = suspected == kind
+        hits = int((flagged & known).sum())
+        out[kind] = {"flagged": int(flagged.sum()),
+                     "precision": hits / flagged.sum() if flagged.any() else float("nan"),
+                     "recall": None if kind == "atypical" else
+                     (hits / known.sum() if known.any() else float("nan"))}
+    return out
+
+
 def detection_items(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``detection`` of :func:`evaluate_columns` as the lookup API lists it: one
     {target, score, positives, auroc, average_precision, precision_at_k} per pair."""

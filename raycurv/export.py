@@ -7,10 +7,11 @@ plus ``path`` (the sample's source file or Parquet row, where the run has one: a
 prepared dataset records it; null for built-in datasets) and the class names of ``label`` and
 ``final_pred`` (null where the run has none).
 
-cleanlab's layout flags a label issue by the rule :data:`ISSUE_RULE`: a sample in the top
-``1 - threshold`` share by curvature (percentile >= ``threshold``, default 0.9) whose final
-model predicts another class than its label; ``label_score`` is ``1 - percentile`` (cleanlab's
-direction: lower = more likely a label issue).
+cleanlab's layout flags a label issue by the rule :data:`ISSUE_RULE`: a sample whose
+``suspected`` kind (raycurv.suspected, with the export's ``threshold``, default 0.9) is
+``mislabel`` (in the top ``1 - threshold`` share by curvature and the final model predicts
+another class than its label) or ``conflicting_duplicate`` (as the table records it);
+``label_score`` is ``1 - percentile`` (cleanlab's direction: lower = more likely a label issue).
 
 Files are written through raycurv.storage (a local path or a URI), each atomically.
 """
@@ -33,12 +34,16 @@ from raycurv.class_names import class_names
 from raycurv.data import plane
 from raycurv.errors import UsageError
 from raycurv.runfolder import RunFolder
+from raycurv.suspected import CONFLICTING_DUPLICATE, MISLABEL, suspect
+from raycurv.suspected import (
+    DEFAULT_THRESHOLD as DEFAULT_THRESHOLD,  # the export's default: the rule's
+)
 from raycurv.table import read_metadata
 
 EXPORTS_DIR = "exports"  # under the run folder: where an export goes unless told otherwise
-DEFAULT_THRESHOLD = 0.9
-ISSUE_RULE = ("is_label_issue = percentile >= threshold (default 0.9: the top 10 % by curvature) "
-              "and final_pred != label; label_score = 1 - percentile")
+ISSUE_RULE = ("is_label_issue = suspected is mislabel (percentile >= threshold, default 0.9: "
+              "the top 10 % by curvature, and final_pred != label) or conflicting_duplicate; "
+              "label_score = 1 - percentile")
 IMAGE_SUFFIXES = plane.IMAGE_SUFFIXES
 FIFTYONE_LABELS = "labels.json"  # the given labels: FiftyOneImageClassificationDataset
 FIFTYONE_PREDICTIONS = "predictions.json"  # the final model's predictions, the same layout
@@ -81,13 +86,17 @@ def cleanlab_table(table: pa.Table, *, threshold: float) -> pa.Table:
     """cleanlab's label-issues layout (``Datalab.get_issues("label")``): ``is_label_issue`` (bool),
     ``label_score`` (float64, lower = more likely an issue), ``given_label``, ``predicted_label``
     (int64), after ``sample_id``; see :data:`ISSUE_RULE`."""
-    percentile = table.column("percentile")  # float32: compared in float32, so 27/30 >= 0.9
-    flagged = pc.and_(pc.greater_equal(percentile, pa.scalar(threshold, pa.float32())),
-                      pc.not_equal(table.column("final_pred"), table.column("label")))
+    percentile = table.column("percentile").to_numpy()
+    recorded = (table.column("suspected").to_numpy(zero_copy_only=False)
+                if "suspected" in table.column_names else None)
+    kinds = suspect(percentile=percentile, label=table.column("label").to_numpy(),
+                    final_pred=table.column("final_pred").to_numpy(),
+                    conflicting=None if recorded is None else recorded == CONFLICTING_DUPLICATE,
+                    threshold=threshold)
     return pa.table({
         "sample_id": table.column("sample_id"),
-        "is_label_issue": flagged,
-        "label_score": pc.subtract(1.0, percentile.cast(pa.float64())),
+        "is_label_issue": pa.array((kinds == MISLABEL) | (kinds == CONFLICTING_DUPLICATE)),
+        "label_score": pc.subtract(1.0, table.column("percentile").cast(pa.float64())),
         "given_label": table.column("label").cast(pa.int64()),
         "predicted_label": table.column("final_pred").cast(pa.int64()),
     })

@@ -1,6 +1,7 @@
 """A run's results: the shards' merged summaries (raycurv.actors.merge_summaries) turned into each
-estimator's score table (contract 1.1, with its metadata: curvature, csl, the final model's
-columns and the training-dynamics co-scores), and each estimator's per-epoch table streamed from
+estimator's score table (contract 1.2, with its metadata: curvature, csl, the final model's
+columns, the training-dynamics co-scores and the ``suspected`` kind of raycurv.suspected, for
+which the run's images are searched for conflicting duplicates), and each estimator's per-epoch table streamed from
 the shards' per-epoch records, written to the run folder. Higher curvature = more memorized."""
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import raycurv
 from raycurv import storage
 from raycurv.config import EstimatorSpec, ScoreSpec
 from raycurv.data import Prepared
+from raycurv.data.plane import StoreImages
 from raycurv.runfolder import RunFolder, shard_epoch_file
-from raycurv.table import BY_EPOCH_SCHEMA, build_table
+from raycurv.suspected import DEFAULT_THRESHOLD, rule_metadata, suspect
+from raycurv.table import BY_EPOCH_SCHEMA, build_table, rank_and_percentile
 
 if TYPE_CHECKING:  # Ray and torch: not needed to write tables
     from raycurv.actors import Merged
@@ -25,7 +28,7 @@ if TYPE_CHECKING:  # Ray and torch: not needed to write tables
 
 def table_metadata(spec: ScoreSpec, data: Prepared, estimator: EstimatorSpec,
                    epochs: list[int]) -> dict[str, Any]:
-    """The score table's metadata (contract 1.1) for ``estimator`` scored on ``epochs``;
+    """The score table's metadata (contract 1.2) for ``estimator`` scored on ``epochs``;
     ``train_epochs``: the epochs trained, over which csl and the co-scores run."""
     return {
         "raycurv_version": raycurv.__version__, "run": spec.run_name,
@@ -55,15 +58,32 @@ def write_results(spec: ScoreSpec, data: Prepared, merged: Merged) -> dict[str, 
     estimators = spec.curvature.estimators
     folders = [estimator_folder(spec, e, primary=k == 0) for k, e in enumerate(estimators)]
     write_by_epoch(folders, merged, data.sample_ids, epochs=spec.train.epochs)
+    conflicting, near = conflicting_duplicates(data)
     tables = {}
     for k, (estimator, folder) in enumerate(zip(estimators, folders, strict=True)):
         columns = {**merged.columns, "curvature": merged.curvature[k],
                    "epochs_scored": merged.epochs_scored[k]}
+        columns["suspected"] = suspect(
+            percentile=rank_and_percentile(merged.curvature[k])[1], label=data.labels,
+            final_pred=merged.columns["final_pred"], conflicting=conflicting)
         epochs = [int(e) for e in np.flatnonzero(merged.scored[k])]
-        table = build_table(columns, table_metadata(spec, data, estimator, epochs))
+        metadata = table_metadata(spec, data, estimator, epochs) | {
+            "suspected": rule_metadata(threshold=DEFAULT_THRESHOLD, duplicate_threshold=near)}
+        table = build_table(columns, metadata)
         folder.write_scores(table)
         tables[estimator.name] = table
     return tables
+
+
+def conflicting_duplicates(data: Prepared) -> tuple[np.ndarray, float]:
+    """(N,) bool, in a group of exact or near-duplicate images whose labels disagree (the image
+    search of raycurv.duplicates over the run's images, streamed from a prepared dataset), and
+    the near-duplicate distance used."""
+    from raycurv.duplicates import NEAR_THRESHOLD, find_duplicates  # faiss: only here
+
+    images = data.images if data.images is not None else StoreImages(data.store, 0, len(data))
+    found = find_duplicates(images, data.labels, scale=data.norm.scale, threshold=NEAR_THRESHOLD)
+    return found.in_conflicting_group(), NEAR_THRESHOLD
 
 
 def write_by_epoch(folders: list[RunFolder], merged: Merged, sample_ids: np.ndarray, *,

@@ -1,4 +1,4 @@
-"""The score table: Arrow schema (contract 1.1), building and validation. Where it is stored, and
+"""The score table: Arrow schema (contract 1.2), building and validation. Where it is stored, and
 how it is read and written, is raycurv.runfolder's business.
 
 One row per training sample, sorted by ``sample_id``. Higher ``curvature`` means more memorized; ``rank`` 1 is the highest curvature and
@@ -11,6 +11,8 @@ a minor version): :func:`with_optional_columns` gives them the later columns, al
 1.1 added the training-dynamics co-scores (raycurv.dynamics): ``aum``, ``margin`` (lower = more
 likely mislabeled), ``forgetting_events``, ``learned_epoch`` (higher = harder; null = not learned
 for good by the last epoch), null where the run has no complete training record of a sample.
+1.2 added ``suspected`` (string: conflicting_duplicate, mislabel, atypical, or null; the rule is
+raycurv.suspected's, stored in the metadata's ``suspected`` entry).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from raycurv.suspected import KINDS
+
 TABLE_VERSION = 1  # the major version: changes only when a version-1 reader would misread
-TABLE_MINOR_VERSION = 1  # 1.1: the training-dynamics co-scores
+TABLE_MINOR_VERSION = 2  # 1.1: the training-dynamics co-scores; 1.2: suspected
 METADATA_KEY = b"raycurv"
 
 V1_FIELDS = [
@@ -46,9 +50,15 @@ CO_SCORE_FIELDS = [  # 1.1; raycurv.dynamics defines them
     pa.field("forgetting_events", pa.int32(), nullable=True),
     pa.field("learned_epoch", pa.int32(), nullable=True),
 ]
-SCHEMA = pa.schema(V1_FIELDS + CO_SCORE_FIELDS)
+SUSPECTED_FIELDS = [  # 1.2; raycurv.suspected defines the values
+    pa.field("suspected", pa.string(), nullable=True),
+]
+MINOR_FIELDS = {1: CO_SCORE_FIELDS, 2: SUSPECTED_FIELDS}  # minor version -> the columns it added
+SCHEMA = pa.schema(V1_FIELDS + [f for minor in sorted(MINOR_FIELDS) for f in MINOR_FIELDS[minor]])
 COLUMNS = tuple(SCHEMA.names)
-OPTIONAL_COLUMNS = tuple(f.name for f in CO_SCORE_FIELDS)  # absent from a 1.0 table
+OPTIONAL_COLUMNS = COLUMNS[len(V1_FIELDS):]  # absent from a 1.0 table
+CATEGORIES = {"suspected": KINDS}  # string columns: their values besides null
+STRING_COLUMNS = tuple(CATEGORIES)
 # integer columns whose null is written as a negative number in numpy arrays
 NULLABLE_INT_COLUMNS = ("duplicate_of", "forgetting_events", "learned_epoch")
 
@@ -79,21 +89,28 @@ def rank_and_percentile(curvature: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def build_table(columns: dict[str, Any], metadata: dict[str, Any]) -> pa.Table:
     """Assemble a score table from per-sample arrays (all but ``rank`` and ``percentile``, which
-    are derived from ``curvature``), sorted by sample_id: contract 1.1 when ``columns`` holds a
-    co-score (the others are then null), else 1.0 (the columns of version 1 only).
+    are derived from ``curvature``), sorted by sample_id: the minor version is the newest whose
+    columns ``columns`` holds any of (the later-added columns it lacks are then null); 1.0, the
+    columns of version 1 only, when it holds none.
 
     Nulls: ``duplicate_of``, ``forgetting_events`` and ``learned_epoch`` are null where negative
-    (or absent), ``aum`` and ``margin`` where NaN (or absent)."""
+    (or absent), ``aum`` and ``margin`` where NaN (or absent), ``suspected`` where None (or
+    absent)."""
     n = len(columns["sample_id"])
     order = np.argsort(np.asarray(columns["sample_id"]), kind="stable")
     data = {name: np.asarray(columns[name])[order] for name in columns}
     data["rank"], data["percentile"] = rank_and_percentile(data["curvature"])
-    minor = TABLE_MINOR_VERSION if any(name in columns for name in OPTIONAL_COLUMNS) else 0
-    fields = SCHEMA if minor else pa.schema(V1_FIELDS)
+    minor = max((m for m, added in MINOR_FIELDS.items() if any(f.name in columns for f in added)),
+                default=0)
+    fields = pa.schema(V1_FIELDS + [f for m in sorted(MINOR_FIELDS) if m <= minor
+                                    for f in MINOR_FIELDS[m]])
     arrays = []
     for field in fields:
         dtype = field.type.to_pandas_dtype()
-        if field.name in NULLABLE_INT_COLUMNS:
+        if field.name in STRING_COLUMNS:
+            values = data.get(field.name, np.full(n, None, dtype=object))
+            arrays.append(pa.array(list(values), type=field.type))
+        elif field.name in NULLABLE_INT_COLUMNS:
             values = np.asarray(data.get(field.name, np.full(n, -1)), dtype=np.int64)
             arrays.append(pa.array(values.astype(dtype), type=field.type, mask=values < 0))
         elif field.nullable:
@@ -126,9 +143,9 @@ def _unique(ids: np.ndarray) -> bool:
 
 
 def with_optional_columns(table: pa.Table) -> pa.Table:
-    """``table`` with every column added after 1.0 that it lacks appended, all null (a 1.0
-    table read as 1.1)."""
-    for field in CO_SCORE_FIELDS:
+    """``table`` with every column added after 1.0 that it lacks appended, all null (a 1.0 or
+    1.1 table read as 1.2)."""
+    for field in (SCHEMA.field(name) for name in OPTIONAL_COLUMNS):
         if field.name not in table.column_names:
             table = table.append_column(field, pa.nulls(table.num_rows, type=field.type))
     return table
@@ -158,6 +175,11 @@ def validate_table(table: pa.Table) -> dict[str, Any]:
         raise TableError("sample_id values are not unique")
     if len(ids) and ids.min() < 0:
         raise TableError("negative sample_id")
+    for name, valid in CATEGORIES.items():
+        if name in table.column_names:
+            unknown = set(table.column(name).drop_null().unique().to_pylist()) - set(valid)
+            if unknown:
+                raise TableError(f"{name} has values {sorted(unknown)}; valid: {', '.join(valid)}")
     curvature = table.column("curvature").to_numpy()
     if not np.all(np.isfinite(curvature)):
         raise TableError("curvature has non-finite values")

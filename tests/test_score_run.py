@@ -44,8 +44,14 @@ def test_table_follows_the_contract(digits_run):
     assert df.loc[df["curvature"].idxmin(), "percentile"] == 0.0
     assert meta["dataset"] == "digits" and meta["epochs"] == list(range(EPOCHS))
     assert meta["h"] == 0.03 and meta["probes"] == 2 and meta["n"] == 600
-    # the co-scores of contract 1.1, from every epoch's training pass
-    assert (meta["table_minor_version"], meta["train_epochs"]) == (1, EPOCHS)
+    # the co-scores of contract 1.1, from every epoch's training pass, and 1.2's suspected kinds
+    assert (meta["table_minor_version"], meta["train_epochs"]) == (2, EPOCHS)
+    assert meta["suspected"]["duplicates_searched"] and meta["suspected"]["threshold"] == 0.9
+    high = df["percentile"] >= np.float32(0.9)
+    assert (df["suspected"].isna() == ~high).all()  # no duplicates here: the top 10 % only
+    agrees = df["final_pred"] == df["label"]
+    assert (df.loc[high & agrees, "suspected"] == "atypical").all()
+    assert (df.loc[high & ~agrees, "suspected"] == "mislabel").all()
     assert np.isfinite(df["aum"]).all() and df["margin"].between(-1, 1).all()
     assert df["forgetting_events"].between(0, EPOCHS - 1).all()
     learned = df["learned_epoch"]

@@ -1,5 +1,6 @@
-"""The score table contract 1.1: the co-score columns are nullable and come after the 1.0 ones,
-a 1.0 table is still read (its co-scores all null), and version-1 readers read a 1.1 table."""
+"""The score table contract 1.2: the co-score columns (1.1) and ``suspected`` (1.2) are nullable
+and come after the 1.0 ones, older tables are still read (their later columns all null), and
+version-1 readers read a 1.2 table."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 from raycurv.detection import evaluate_table
 from raycurv.serve.index import TableIndex
 from raycurv.serve.schemas import SampleRow
+from raycurv.suspected import suspect
 from raycurv.table import (
+    CO_SCORE_FIELDS,
     METADATA_KEY,
     OPTIONAL_COLUMNS,
     V1_FIELDS,
@@ -44,7 +47,7 @@ def test_co_scores_are_nullable_columns_after_the_v1_ones():
     assert (meta["table_version"], meta["table_minor_version"]) == (1, 1)
     # a version-1 reader finds its columns first, in order, with their types
     assert [table.schema.field(i) for i in range(len(V1_FIELDS))] == V1_FIELDS
-    assert table.column_names[len(V1_FIELDS):] == list(OPTIONAL_COLUMNS)
+    assert table.column_names[len(V1_FIELDS):] == [f.name for f in CO_SCORE_FIELDS]
     assert table.column("aum").null_count == 1 and not table.column("aum").is_valid()[5].as_py()
     assert table.column("margin").null_count == 1
     assert table.column("learned_epoch").null_count == 11  # 10 never learned, and sample 5
@@ -61,9 +64,47 @@ def test_a_table_built_without_co_scores_is_a_1_0_table_read_with_null_co_scores
     assert validate_table(old)["table_version"] == 1
     assert set(evaluate_table(old)["detection"]["corrupted"]) == {"curvature", "csl", "final_loss"}
     widened = with_optional_columns(old)
-    assert widened.column_names == _with_co_scores().column_names
+    assert widened.column_names == _with_suspected().column_names
     assert all(widened.column(name).null_count == 20 for name in OPTIONAL_COLUMNS)
     assert with_optional_columns(widened) is widened
+
+
+def _with_suspected(n: int = 40) -> pa.Table:
+    """A 1.2 table: the co-scores and ``suspected`` by raycurv.suspected's rule, samples 0 and 1
+    in a conflicting duplicate group."""
+    base = _with_co_scores(n)
+    columns = {name: base.column(name).to_numpy(zero_copy_only=False)
+               for name in base.column_names if name not in ("rank", "percentile")}
+    for name in ("duplicate_of", "forgetting_events", "learned_epoch"):
+        columns[name] = base.column(name).fill_null(-1).to_numpy()
+    columns["suspected"] = suspect(
+        percentile=base.column("percentile").to_numpy(), label=columns["label"],
+        final_pred=columns["final_pred"], conflicting=np.arange(n) < 2)
+    return build_table(columns, read_metadata(base))
+
+
+def test_suspected_is_a_1_2_string_column_served_as_text_or_null():
+    table = _with_suspected()
+    assert validate_table(table)["table_minor_version"] == 2
+    assert table.column_names[-1] == "suspected" and table.schema.field("suspected").nullable
+    values = table.column("suspected").to_pylist()
+    assert values[:2] == ["conflicting_duplicate"] * 2 and None in values
+    percentile = table.column("percentile").to_numpy()
+    agrees = table.column("final_pred").to_numpy() == table.column("label").to_numpy()
+    for k in range(2, len(values)):
+        expected = (None if percentile[k] < np.float32(0.9)
+                    else "atypical" if agrees[k] else "mislabel")
+        assert values[k] == expected, k
+    index = TableIndex.from_table(table, run="s", path="s.parquet")
+    rows = json.loads(index.rows_json(np.arange(len(values))))
+    assert [r["suspected"] for r in rows] == values
+    assert [json.loads(index.row_json(k))["suspected"] for k in range(len(values))] == values
+    for row in rows:
+        SampleRow.model_validate(row)
+    bad = table.set_column(table.num_columns - 1, "suspected",
+                           pa.array(["typo"] + values[1:], pa.string()))
+    with pytest.raises(TableError, match=r"suspected has values \['typo'\]"):
+        validate_table(bad)
 
 
 def test_a_co_score_of_the_wrong_type_or_another_major_version_is_refused():

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from raycurv.api import export
-    from raycurv.export import DEFAULT_THRESHOLD
+    from raycurv.suspected import DEFAULT_THRESHOLD
 
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     written = export(args.run, format=args.format, output=args.output, threshold=threshold)

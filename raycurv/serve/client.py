@@ -19,7 +19,8 @@ from raycurv.table import TableError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TABLE_COLUMNS = ("sample_id", "label", "original_label", "corrupted", "duplicate_of",
-                 "curvature", "rank", "percentile", "csl", "final_pred", "final_confidence")
+                 "curvature", "rank", "percentile", "csl", "final_pred", "final_confidence",
+                 "suspected")
 
 
 class QueryError(Exception):

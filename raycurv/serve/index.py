@@ -5,8 +5,9 @@ the highest curvature (the most memorized sample), and ``percentile`` is the sha
 strictly lower curvature. "desc" order lists the most memorized samples first, "asc" the least.
 
 The table is read with :func:`raycurv.runfolder.read_run_scores` (memory-mapped Parquet, validated
-against contract 1.x; a 1.0 table gets the 1.1 co-score columns, all null); its columns become
-dense numpy arrays by row position (a null count or epoch as -1, a null float as NaN), and rows
+against contract 1.x; an older table gets the later columns, all null); its columns become
+dense numpy arrays by row position (a null count or epoch as -1, a null float as NaN, a category
+as its int8 code in raycurv.table.CATEGORIES, -1 for null), and rows
 are sorted by sample_id, so a lookup is an index or a binary search and never a scan.
 """
 
@@ -27,6 +28,7 @@ from raycurv.detection import detection_items, evaluate_columns
 from raycurv.runfolder import read_run_scores, run_name, table_file
 from raycurv.storage import FileStamp
 from raycurv.table import (
+    CATEGORIES,
     COLUMNS,
     NULLABLE_INT_COLUMNS,
     SCHEMA,
@@ -43,14 +45,22 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 def _column_numpy(table: pa.Table, name: str) -> np.ndarray:
     """One column as a contiguous numpy array (nulls of the integer columns become -1, of the
-    float columns NaN)."""
+    float columns NaN; a category column becomes int8 codes, -1 for null)."""
     column = table.column(name)
+    if name in CATEGORIES:
+        codes = pc.index_in(column, value_set=pa.array(CATEGORIES[name], pa.string()))
+        return np.ascontiguousarray(codes.fill_null(-1).to_numpy().astype(np.int8))
     if name in NULLABLE_INT_COLUMNS:
         column = column.fill_null(-1)
     array = column.to_numpy()
     if array.dtype == np.bool_ or not array.flags.writeable:
         return np.ascontiguousarray(array)
     return array
+
+
+def _category_json(name: str) -> tuple[str, ...]:
+    """JSON text of a category column's code + 1: null, then each value quoted."""
+    return ("null", *(f'"{value}"' for value in CATEGORIES[name]))
 
 
 def _rank_order(rank: np.ndarray, curvature: np.ndarray) -> np.ndarray:
@@ -250,6 +260,8 @@ class TableIndex:
                 value = self.columns[name][position]
                 if name in FLOAT_COLUMNS:
                     text = str(value) if math.isfinite(value) else "null"
+                elif name in CATEGORIES:
+                    text = _category_json(name)[value + 1]
                 elif name == "corrupted":
                     text = "true" if value else "false"
                 elif name in NULLABLE_INT_COLUMNS and value < 0:
@@ -270,7 +282,9 @@ class TableIndex:
             values = (self.sample_ids_at(positions) if name == "sample_id"
                       else self.columns[name][positions])
             array = pa.array(values)
-            if name == "corrupted":
+            if name in CATEGORIES:
+                text = pa.array(_category_json(name)).take(pa.array(values.astype(np.int64) + 1))
+            elif name == "corrupted":
                 text = pc.if_else(array, "true", "false")
             else:
                 text = pc.cast(array, pa.string())

@@ -1,5 +1,5 @@
 """Typed request and response models of the lookup API (contract v1; rows carry the score
-table's contract-1.1 columns).
+table's contract-1.2 columns).
 
 Direction of the scores: higher ``curvature`` = more memorized; ``rank`` 1 = highest curvature;
 ``percentile`` = share of samples with strictly lower curvature, in [0, 1]; lower ``aum`` and
@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from raycurv.detection import Score, Target
+from raycurv.suspected import KINDS
 
 MAX_BATCH = 10_000  # sample ids per lookup request
 MAX_K = 10_000  # rows per top-k request
@@ -59,6 +60,11 @@ class SampleRow(BaseModel):
     learned_epoch: int | None = Field(default=None, description=(
         "first epoch from which the training pass got the sample right in every later epoch; "
         "null if it was wrong in the last epoch (or without a training record)"))
+    suspected: Literal[KINDS] | None = Field(default=None, description=(
+        "what the sample stands out as (null: nothing, or a table older than 1.2): "
+        "conflicting_duplicate (in a duplicate group whose labels disagree), mislabel (high "
+        "curvature and the final model predicts another class), atypical (high curvature, the "
+        "model agrees with its label); the rule: the run's metadata, suspected.rule"))
 
 
 class LookupRequest(BaseModel):

@@ -335,7 +335,8 @@ async function samplePage(run, rawId) {
     ["given label", label(row.label)], ["original label", label(row.original_label)],
     ["predicted", label(row.final_pred)], ["confidence in the given label", fmt(row.final_confidence, 3)],
     ["final loss", fmt(row.final_loss)], ["corrupted", row.corrupted ? "yes" : "no"],
-    ["injected copy of", row.duplicate_of === null ? "–" : row.duplicate_of]];
+    ["injected copy of", row.duplicate_of === null ? "–" : row.duplicate_of],
+    ["suspected", row.suspected || "–"]];
   const curve = el("div", {id: "curve"}, el("p", {class: "muted"}, "loading the per-epoch curve…"));
   const group = el("div", {id: "duplicates"}, el("p", {class: "muted"}, "looking for duplicates…"));
   Promise.all([api(`${base}/samples/${row.sample_id}/epochs`), api(`${base}/epochs`)]).then(

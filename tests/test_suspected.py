@@ -1,0 +1,55 @@
+"""The ``suspected`` rule and how right it is where the truth is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raycurv.detection import suspected_metrics
+from raycurv.suspected import is_suspected, suspect
+
+
+def test_each_sample_gets_the_first_kind_that_applies():
+    percentile = np.array([0.95, 0.95, 0.95, 0.5, 0.5, 0.9], np.float32)
+    label = np.array([1, 1, 2, 2, 3, 4])
+    final_pred = np.array([1, 0, 0, 0, 3, 0])
+    conflicting = np.array([False, False, True, False, True, False])
+    kinds = suspect(percentile=percentile, label=label, final_pred=final_pred,
+                    conflicting=conflicting)
+    assert kinds.tolist() == ["atypical", "mislabel", "conflicting_duplicate", None,
+                              "conflicting_duplicate", "mislabel"]
+    no_search = suspect(percentile=percentile, label=label, final_pred=final_pred, conflicting=None)
+    assert no_search.tolist()[2] == "mislabel" and no_search.tolist()[4] is None
+    assert suspect(percentile=percentile, label=label, final_pred=final_pred, conflicting=None,
+                   threshold=0.96).tolist() == [None] * 6
+    assert is_suspected(kinds, "mislabel").tolist() == [False, True, False, False, False, True]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"label": np.zeros(3)}, r"label has shape \(3,\)"),
+    ({"conflicting": np.zeros((6, 1), bool)}, r"conflicting has shape"),
+    ({"threshold": 1.5}, r"threshold must be in \[0, 1\]"),
+])
+def test_bad_arguments_are_one_line(change, message):
+    args = {"percentile": np.zeros(6), "label": np.zeros(6), "final_pred": np.zeros(6),
+            "conflicting": None} | change
+    with pytest.raises(ValueError, match=message):
+        suspect(**args)
+    with pytest.raises(ValueError, match="unknown kind 'typo'; valid: conflicting_duplicate"):
+        is_suspected(np.array([None]), "typo")
+
+
+def test_precision_and_recall_against_the_injected_truth():
+    # samples 0-3 corrupted; 8 copies sample 9 with another label
+    columns = {
+        "sample_id": np.arange(10),
+        "corrupted": np.arange(10) < 4,
+        "duplicate_of": np.array([-1] * 8 + [9, -1]),
+        "suspected": np.array(["mislabel", "mislabel", None, "atypical", "mislabel", None, None,
+                               "atypical", "conflicting_duplicate", "conflicting_duplicate"],
+                              dtype=object),
+    }
+    found = suspected_metrics(columns)
+    assert found["mislabel"] == {"flagged": 3, "precision": 2 / 3, "recall": 2 / 4}
+    assert found["conflicting_duplicate"] == {"flagged": 2, "precision": 1.0, "recall": 1.0}
+    assert found["atypical"] == {"flagged": 2, "precision": 0.5, "recall": None}
