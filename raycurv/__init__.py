@@ -1,8 +1,9 @@
 """raycurv: find what a neural network memorizes, by the input-loss curvature of every sample.
 
 The Python API (raycurv.api): ``score``, ``load_run``, ``evaluate``, ``lookup``, ``export`` and the ``Run``
-they return; every mistake raises ``UsageError``. They load on first use, so that importing
-raycurv (and ``raycurv --help``) stays fast.
+they return; ``Recorder`` (raycurv.checkpoints), the per-epoch hook of your own training loop
+whose checkpoints ``score(checkpoints=...)`` scores; every mistake raises ``UsageError``. They
+load on first use, so that importing raycurv (and ``raycurv --help``) stays fast.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Run", "UsageError", "__version__", "evaluate", "export", "load_run", "lookup", "score"]
+__all__ = ["Recorder", "Run", "UsageError", "__version__", "evaluate", "export", "load_run", "lookup",
+           "score"]
 
 _API = {"Run", "evaluate", "export", "load_run", "lookup", "score"}
 
@@ -23,6 +25,10 @@ def __getattr__(name: str) -> Any:
         from raycurv import api
 
         return getattr(api, name)
+    if name == "Recorder":
+        from raycurv.checkpoints import Recorder
+
+        return Recorder
     if name == "UsageError":
         from raycurv.errors import UsageError
 

@@ -147,7 +147,8 @@ def build_spec(spec: ScoreSpec | dict[str, Any] | None = None, **options: Any) -
 
 def score(spec: ScoreSpec | dict[str, Any] | None = None, *, address: str | None = None,
           verbose: bool = False, **options: Any) -> Run:
-    """Train one network on Ray and score every training sample's memorization.
+    """Train one network on Ray and score every training sample's memorization; or, with
+    ``checkpoints``, score saved weights (one file per epoch) without training.
 
     Parameters
     ----------
@@ -167,6 +168,13 @@ def score(spec: ScoreSpec | dict[str, Any] | None = None, *, address: str | None
         ``probes``, ``variant``, ``actors``, ``workers``, ``seed``, ``run_dir`` (a path or a URI;
         default ``runs/digits``), ... A field two sections share goes in its section's dict:
         ``train={"batch_size": 128}``, ``curvature={"batch_size": 512}``.
+        ``checkpoints``: a folder, glob or file of ``.pt``/``.pth`` state dicts, one per epoch
+        in file-name order, scored with ``model`` (which must match them) instead of training;
+        the epochs are the checkpoints (``epochs`` does not apply). Epoch files with training
+        records (``keep_weights=True`` runs, :class:`raycurv.Recorder`) give exact csl and
+        co-scores; plain state dicts give none (csl 0, co-scores null, and the table's
+        metadata ``"training_records": false``). ``keep_weights``: keep each epoch's weights
+        in ``<run_dir>/epochs/`` (a placement setting: the scores do not change).
 
     Returns
     -------
@@ -177,11 +185,13 @@ def score(spec: ScoreSpec | dict[str, Any] | None = None, *, address: str | None
     Raises
     ------
     UsageError
-        Bad options, data, model, weights or run folder; raised before Ray starts and before
-        anything is written.
+        Bad options, data, model, weights, checkpoints or run folder; raised before Ray starts
+        and before anything is written.
     """
     from raycurv.run import score_run  # torch and Ray: only when scoring
 
+    if "checkpoints" in options and "epochs" in options:
+        raise UsageError("epochs does not apply with checkpoints: one epoch per checkpoint file")
     resolved = build_spec(spec, **options)
     result = score_run(resolved, address=address, verbose=bool(verbose))
     return Run(location=result.run_dir, table=result.table, metrics=result.metrics,

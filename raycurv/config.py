@@ -68,13 +68,24 @@ class TrainSpec(_Spec):
     gpus_per_worker: float = Field(default=0.0, ge=0.0)
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
     max_failures: int = Field(default=3, ge=0)
+    # a series of saved weights to score instead of training (raycurv.checkpoints): a folder of
+    # .pt/.pth files, a glob or a file; one epoch per file, so ``epochs`` is their number
+    checkpoints: str | None = None
+    keep_weights: bool = False  # keep <run>/epochs/epoch-EEEE.pt once scored (for --checkpoints)
 
-
-    @field_validator("weights")
+    @field_validator("weights", "checkpoints")
     @classmethod
     def _weights_absolute(cls, value: str | None) -> str | None:
-        """A local weights file is made absolute: training workers read it from their own folder."""
+        """A local weights file (or checkpoint series) is made absolute: training workers and
+        actors read it from their own folder."""
         return value if value is None or is_uri(value) else os.path.abspath(value)
+
+    @model_validator(mode="after")
+    def _checkpoints_or_weights(self) -> TrainSpec:
+        if self.checkpoints is not None and self.weights is not None:
+            raise ValueError("checkpoints are scored as they are, without training: weights "
+                             "(a state dict to start training from) does not apply")
+        return self
 
 
 class EstimatorSpec(_Spec):

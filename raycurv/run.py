@@ -1,5 +1,7 @@
 """A scoring run, end to end: validate -> curvature pool (raycurv.actors) -> TorchTrainer
-(raycurv.train) -> score tables (raycurv.results) in the run folder (raycurv.runfolder).
+(raycurv.train) -> score tables (raycurv.results) in the run folder (raycurv.runfolder). A run of
+saved checkpoints (``train.checkpoints``, raycurv.checkpoints) hands them to the pool instead of
+training.
 
 Everything the user can get wrong is checked before Ray starts and before the run folder is
 touched, so bad input never leaves a partial folder behind.
@@ -20,6 +22,7 @@ from pydantic import ValidationError
 import raycurv
 from raycurv import storage
 from raycurv.actors import merge_summaries, start_pool
+from raycurv.checkpoints import Series, check_series, find_checkpoints, mark_tables, score_series
 from raycurv.cluster import check_resources, ensure_ray
 from raycurv.config import ScoreSpec
 from raycurv.data import Prepared, materialize, plane, prepare_dataset
@@ -40,6 +43,8 @@ class RunResult:
     train: dict[str, Any]  # last epoch's training metrics
     seconds: float
     tables: dict[str, pa.Table]  # every estimator's table by name, the primary (``table``) first
+    epochs: int = 0  # epochs trained, or checkpoints scored
+    training_records: bool = True  # False: checkpoints without records (csl 0, co-scores null)
 
 
 def _spec_record(spec: ScoreSpec, data: Prepared) -> dict[str, Any]:
@@ -52,7 +57,8 @@ def _spec_record(spec: ScoreSpec, data: Prepared) -> dict[str, Any]:
 # absolute, file://) is not a setting.
 _PLACEMENT = {"run_dir", "data.max_classes", "train.cpus_per_worker", "train.gpus_per_worker", "train.max_failures",
               "curvature.actor_cpus", "curvature.actor_gpus", "curvature.max_lag", "name",
-              "curvature.optimize", "curvature.compile"}  # speed and rounding only
+              "curvature.optimize", "curvature.compile",  # speed and rounding only
+              "train.keep_weights"}
 
 
 def _changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -120,6 +126,31 @@ def validate_spec(spec: ScoreSpec) -> Prepared:
     return data
 
 
+def with_checkpoint_epochs(spec: ScoreSpec) -> tuple[ScoreSpec, list[str] | None]:
+    """A spec scoring checkpoints (``train.checkpoints``) has one epoch per checkpoint file:
+    (the spec with that many epochs, the files in epoch order); else (``spec``, None).
+    Raises UsageError when the series is empty, has gaps or names other files."""
+    if spec.train.checkpoints is None:
+        return spec, None
+    locations = find_checkpoints(spec.train.checkpoints)
+    train = spec.train.model_copy(update={"epochs": len(locations)})
+    return spec.model_copy(update={"train": train}), locations
+
+
+def validate_series(spec: ScoreSpec, data: Prepared, locations: list[str]) -> Series:
+    """Every checkpoint read once and checked against the model and the dataset (before Ray)."""
+    return check_series(locations, pattern=spec.train.checkpoints, model=spec.train.model,
+                        input_shape=tuple(data.input_shape), num_classes=data.num_classes,
+                        sample_ids=data.sample_ids, labels=data.labels)
+
+
+def _without_score(metrics: dict[str, Any], score: str) -> dict[str, Any]:
+    """Detection metrics without ``score``'s figures (csl of checkpoints without records)."""
+    return {**metrics, "detection": {target: {name: figures for name, figures in by_score.items()
+                                              if name != score}
+                                     for target, by_score in metrics["detection"].items()}}
+
+
 class _WarningsOnly(logging.Filter):
     """Drops records below WARNING (on the handlers of Ray's driver-side logger: ray.init resets
     the logger's own level, not its handlers' filters)."""
@@ -147,29 +178,45 @@ def quiet_ray_logs(*, verbose: bool) -> None:
 
 def score_run(spec: ScoreSpec, *, address: str | None = None,
               extra_config: dict[str, Any] | None = None, verbose: bool = False) -> RunResult:
-    """Train and score; write the run folder; return the table and its detection metrics.
+    """Train and score (or, with ``train.checkpoints``, score the saved checkpoints without
+    training); write the run folder; return the table and its detection metrics.
     Unless ``verbose``, Ray's and Ray Train's INFO lines stay off the console (quiet_ray_logs)."""
     started = time.perf_counter()
     quiet_ray_logs(verbose=verbose)
+    spec, locations = with_checkpoint_epochs(spec)
     data = validate_spec(spec)
+    series = None if locations is None else validate_series(spec, data, locations)
     resuming = check_run_dir(spec, data)
     t, c = spec.train, spec.curvature
-    cpus = t.workers * t.cpus_per_worker + c.actors * c.actor_cpus
-    cpus += plane.STREAM_CPUS if data.images is None else 0.0  # Ray Data's read tasks
+    cpus = c.actors * c.actor_cpus
+    if series is None:
+        cpus += t.workers * t.cpus_per_worker
+        cpus += plane.STREAM_CPUS if data.images is None else 0.0  # Ray Data's read tasks
     ensure_ray(address, cpus_needed=cpus)
-    check_resources(cpus=cpus, gpus=t.workers * t.gpus_per_worker + c.actors * c.actor_gpus)
+    gpus = c.actors * c.actor_gpus + (t.workers * t.gpus_per_worker if series is None else 0.0)
+    check_resources(cpus=cpus, gpus=gpus)
     folder = RunFolder(spec.run_dir)
     if not resuming:
-        folder.write_record(_spec_record(spec, data))
+        folder.write_record(_spec_record(spec, data) | ({} if series is None else {
+            "checkpoint_files": list(series.locations),
+            "training_records": series.training_records}))
     data = materialize(data, folder.data, seed=spec.seed)  # data-plane sources: written once
     pool = start_pool(spec, data)
     try:
-        result = fit(spec, data, pool, extra_config=extra_config, verbose=verbose)
+        if series is None:
+            train = dict(fit(spec, data, pool, extra_config=extra_config, verbose=verbose).metrics or {})
+        else:
+            score_series(pool, series, spec=spec, data=data)
+            train = {}
         merged = merge_summaries(pool.summaries(), data)
     finally:
         pool.shutdown()
     tables = write_results(spec, data, merged)
+    if series is not None:
+        tables = mark_tables(spec, tables, series)
     table = next(iter(tables.values()))
-    return RunResult(run_dir=spec.run_dir, table=table, metrics=evaluate_table(table),
-                     train=dict(result.metrics or {}), seconds=time.perf_counter() - started,
-                     tables=tables)
+    records = series is None or series.training_records
+    metrics = evaluate_table(table) if records else _without_score(evaluate_table(table), "csl")
+    return RunResult(run_dir=spec.run_dir, table=table, metrics=metrics, train=train,
+                     seconds=time.perf_counter() - started, tables=tables, epochs=t.epochs,
+                     training_records=records)

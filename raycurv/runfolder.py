@@ -9,7 +9,9 @@ through raycurv.storage, so a run folder works the same on a local path, file://
                                        what each curvature actor recorded of each epoch: written
                                        once per epoch, never rewritten (shard-KKKK.npz, the whole
                                        state in one file as earlier versions kept it, is split)
-    <run>/epochs/epoch-EEEE.pt         an epoch's weights until every actor scored it
+    <run>/epochs/epoch-EEEE.pt         an epoch's weights and training records until every actor
+                                       scored it (kept with --keep-weights; the same epoch file
+                                       raycurv.checkpoints.Recorder writes, and --checkpoints reads)
     <run>/estimators/<name>/           a further estimator's scores and per-epoch table
     <run>/data/                        the prepared dataset of an image folder or Parquet source
     <run>/reference.parquet            a Feldman-Zhang reference estimate (raycurv reference)
@@ -43,6 +45,7 @@ EPOCHS_DIR = "epochs"
 ESTIMATORS_DIR = "estimators"
 REPORT_DIR = "report"
 DATA_DIR = "data"
+EPOCH_FILE = "epoch-{epoch:04d}.pt"  # an epoch file's name, in <run>/epochs/ or a Recorder's folder
 
 
 def run_name(location: str) -> str:
@@ -123,7 +126,7 @@ class RunFolder:
         return self.path(SHARDS_DIR, f"shard-{index:04d}")
 
     def epoch_weights(self, epoch: int) -> str:
-        return self.path(EPOCHS_DIR, f"epoch-{epoch:04d}.pt")
+        return epoch_file(self.epochs, epoch)
 
     def estimator(self, name: str) -> RunFolder:
         """The folder of a further estimator's tables (a sweep's scoring-only axes)."""
@@ -182,6 +185,11 @@ class RunFolder:
 
     def write_by_epoch(self, table: pa.Table) -> None:
         storage.write_parquet(self.by_epoch, table.cast(BY_EPOCH_SCHEMA))
+
+
+def epoch_file(folder: str, epoch: int) -> str:
+    """Where epoch ``epoch``'s epoch file (weights and training records) lives in ``folder``."""
+    return storage.join(folder, EPOCH_FILE.format(epoch=epoch))
 
 
 def shard_epoch_file(shard_state: str, epoch: int) -> str:

@@ -8,6 +8,7 @@ curvature pool without waiting for it, up to ``max_lag`` epochs in flight.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -189,7 +190,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start = _load_checkpoint(model, opt, sched)
     n = len(data.labels)
     folder = RunFolder(spec.run_dir)
-    pending = _catch_up(pool, folder, start) if pool is not None and rank == 0 else []
+    scores = functools.partial(spec.curvature.scores_epoch, epochs=t.epochs)  # epoch -> scored?
+    pending = _catch_up(pool, folder, start, scores=scores) if pool is not None and rank == 0 else []
     pad = crop_padding(data.shape[1])
     for epoch in range(start, t.epochs):
         _maybe_fault(config, epoch, rank)
@@ -210,10 +212,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             model_state = getattr(model, "module", model).state_dict()
             if pool is not None:
-                scored = spec.curvature.scores_epoch(epoch, t.epochs)
-                pending.append(_hand_to_pool(pool, folder, epoch, model_state if scored else None,
-                                             records))
-                pending = _backpressure(pending, pool.max_lag, folder)
+                scored = scores(epoch)
+                pending.append(_hand_to_pool(pool, folder, epoch,
+                                             model_state if scored or t.keep_weights else None,
+                                             records, scored=scored))
+                pending = _backpressure(pending, pool.max_lag, folder, keep=t.keep_weights)
                 metrics["scoring_lag"] = len(pending)
             checkpoint = _checkpoint(model, opt, sched, epoch)
             record_epoch(spec.run_name, metrics)
@@ -223,14 +226,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)  # persisted by report
     if rank == 0:
-        _backpressure(pending, 0, folder)
+        _backpressure(pending, 0, folder, keep=t.keep_weights)
 
 
 def _hand_to_pool(pool, folder: RunFolder, epoch: int, model_state: dict | None,
-                  records: np.ndarray):
+                  records: np.ndarray, *, scored: bool = True):
     """Hand the epoch's weights and training records ((len(TRAINING_RECORDS), N), as
-    `_train_epoch` returns them) to every actor (``model_state`` None: an epoch the run does not
-    score; the actors keep its records only).
+    `_train_epoch` returns them) to every actor (``model_state`` None or ``scored`` False: an
+    epoch the run does not score; the actors keep its records only, and its weights, when given
+    (--keep-weights), go to the file only).
 
     Both also go to the run folder until the epoch is scored: if this worker dies, the object it
     owns dies with it, and a restarted run re-submits from the file. The file holds tensors and
@@ -244,26 +248,31 @@ def _hand_to_pool(pool, folder: RunFolder, epoch: int, model_state: dict | None,
     torch.save({"epoch": epoch, "weights": weights,
                 **{name: torch.from_numpy(row) for name, row in training.items()}}, buf)
     storage.write_bytes(folder.epoch_weights(epoch), buf.getvalue())
-    return epoch, pool.submit(epoch, weights, training)
+    return epoch, pool.submit(epoch, weights if scored else None, training)
 
 
-def _catch_up(pool, folder: RunFolder, start: int) -> list[tuple[int, list]]:
+def _catch_up(pool, folder: RunFolder, start: int, *,
+              scores: Callable[[int], bool] | None = None) -> list[tuple[int, list]]:
     """Re-submit epochs trained before ``start`` whose scoring may not have finished (their
-    files remain); actors skip epochs they already scored. A file written before raycurv kept
-    margins holds ``train_loss`` only: its epoch's margins stay missing (no co-scores)."""
+    files remain; with --keep-weights all do); actors skip epochs they already scored, and an
+    epoch ``scores`` says is not scored hands its records only. A file written before raycurv
+    kept margins holds ``train_loss`` only: its epoch's margins stay missing (no co-scores)."""
     pending = []
     for location in storage.list_files(folder.epochs):
         saved = torch.load(io.BytesIO(storage.read_bytes(location)), weights_only=True)
         if saved["epoch"] < start:
             training = {name: saved[name].numpy() for name in TRAINING_RECORDS if name in saved}
-            pending.append((saved["epoch"], pool.submit(saved["epoch"], saved["weights"],
-                                                        training)))
+            scored = scores is None or scores(saved["epoch"])
+            pending.append((saved["epoch"], pool.submit(saved["epoch"], saved["weights"] if scored
+                                                        else None, training)))
     return pending
 
 
-def _backpressure(pending: list[tuple[int, list]], max_lag: int, folder: RunFolder) -> list[tuple[int, list]]:
-    """Forget epochs whose scoring finished (and delete their files), oldest first; block while
-    more than ``max_lag`` epochs are in flight."""
+def _backpressure(pending: list[tuple[int, list]], max_lag: int, folder: RunFolder, *,
+                  keep: bool = False) -> list[tuple[int, list]]:
+    """Forget epochs whose scoring finished (and delete their files, unless ``keep``: the run
+    keeps its per-epoch weights, --keep-weights), oldest first; block while more than
+    ``max_lag`` epochs are in flight."""
     while pending:
         epoch, refs = pending[0]
         timeout = None if len(pending) > max_lag else 0
@@ -271,7 +280,8 @@ def _backpressure(pending: list[tuple[int, list]], max_lag: int, folder: RunFold
         if len(done) < len(refs):
             break
         ray.get(refs)  # raises if scoring failed for good
-        storage.delete(folder.epoch_weights(epoch))
+        if not keep:
+            storage.delete(folder.epoch_weights(epoch))
         pending = pending[1:]
     return pending
 

@@ -154,3 +154,106 @@ def test_a_run_folder_resumes_under_any_spelling(tmp_path, monkeypatch, spelling
     other = first.model_copy(update={"run_dir": location, "seed": 1})
     with pytest.raises(UsageError, match="seed 0 -> 1"):
         check_run_dir(other, data)
+
+
+# --- `raycurv score --checkpoints`: every checkpoint is checked before Ray starts -------------
+
+def _save(path: Path, value) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(value, path)
+
+
+def _digits_weights(in_channels: int = 1):
+    from raycurv.models import build_model
+
+    return build_model("small_cnn", in_channels=in_channels, num_classes=10).state_dict()
+
+
+def _series(folder: Path, names: list[str]) -> None:
+    for name in names:
+        _save(folder / name, _digits_weights())
+
+
+class _Planted:
+    """Unpickling this would create ``marker``: torch.load(weights_only=True) must refuse it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def _records_of(sample_ids: list[int]) -> dict:
+    import torch
+
+    n = len(sample_ids)
+    return {"epoch": 0, "weights": _digits_weights(), "sample_ids": torch.tensor(sample_ids),
+            "labels": torch.zeros(n, dtype=torch.int64), "train_loss": torch.ones(n),
+            "train_margin": torch.ones(n), "train_prob_margin": torch.ones(n)}
+
+
+def _folder(*names: str, odd: tuple[str, object] | None = None):
+    """A writer of folder ``c`` holding digits small_cnn state dicts under ``names`` (and
+    ``odd``: (name, content saved with torch.save)); returns the folder."""
+
+    def write(tmp: Path) -> str:
+        _series(tmp / "c", list(names))
+        if odd is not None:
+            _save(tmp / "c" / odd[0], odd[1]() if callable(odd[1]) else odd[1])
+        (tmp / "c").mkdir(exist_ok=True)
+        return f"{tmp}/c"
+
+    return write
+
+
+def _planted(tmp: Path) -> str:
+    _save(tmp / "e0.pt", _Planted(tmp / "marker"))
+    return f"{tmp}/e0.pt"
+
+
+# (case, write(tmp) -> the --checkpoints value, more flags, message fragment)
+CHECKPOINT_CASES = [
+    ("an empty folder", _folder(), [], "no .pt or .pth files in {tmp}/c"),
+    ("a folder of other files", lambda tmp: _write(tmp / "notes.txt", "x") and str(tmp), [],
+     "no .pt or .pth files in {tmp}"),
+    ("a folder that does not exist", lambda tmp: f"{tmp}/nowhere", [],
+     "no checkpoints at {tmp}/nowhere"),
+    ("a glob that matches nothing", lambda tmp: f"{tmp}/ckpt-*.pt", [],
+     "no checkpoint files match {tmp}/ckpt-*.pt"),
+    ("a series with a gap", _folder("epoch-0000.pt", "epoch-0002.pt"), [],
+     "skip epoch(s) 1 (files numbered 0..2)"),
+    ("two files of one epoch", _folder("e1.pt", "e01.pt"), [], "are both epoch 1"),
+    ("numbered and unnumbered names", _folder("e1.pt", "final.pt"), [],
+     "mixes file names with and without an epoch number (final.pt)"),
+    ("a file that is not a checkpoint", lambda tmp: _write(tmp / "e0.pt", "not torch"), [],
+     "checkpoint {tmp}/e0.pt is not a torch state dict"),
+    ("a list, not a state dict", _folder(odd=("e0.pt", [1, 2])), [],
+     "checkpoint {tmp}/c/e0.pt does not hold a state dict (name -> tensor)"),
+    ("a planted pickle", _planted, [], "checkpoint {tmp}/e0.pt is not a torch state dict"),
+    ("a state dict of another model", _folder(odd=("e0.pt", lambda: {"w": _digits_weights()["head.bias"]})),
+     [], "does not match model 'small_cnn': missing features.0.weight"),
+    ("a later checkpoint of other shapes", _folder("e0.pt", odd=("e1.pt", lambda: _digits_weights(3))),
+     [], "checkpoint {tmp}/c/e1.pt does not match model 'small_cnn': features.0.weight is "
+     "[32, 3, 3, 3], the model's [32, 1, 3, 3]"),
+    ("records of other samples", _folder(odd=("epoch-0000.pt", lambda: _records_of([0, 1]))),
+     ["--limit", "50"], "lacks sample(s)"),
+    ("--epochs with --checkpoints", _folder("e0.pt"), ["--epochs", "3"],
+     "--epochs does not apply with --checkpoints"),
+    ("--weights with --checkpoints", _folder("e0.pt"), ["--weights", "{tmp}/c/e0.pt"],
+     "weights (a state dict to start training from) does not apply"),
+]
+
+
+@pytest.mark.parametrize(("write", "flags", "message"), [c[1:] for c in CHECKPOINT_CASES],
+                         ids=[c[0] for c in CHECKPOINT_CASES])
+def test_bad_checkpoints(capsys, tmp_path, write, flags, message):
+    checkpoints = write(tmp_path)
+    before = sorted(os.walk(tmp_path))
+    argv = ["score", "--checkpoints", checkpoints, "--run-dir", str(tmp_path / "run"), *flags]
+    err = _fails(capsys, [a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert message.replace("{tmp}", str(tmp_path)) in err
+    assert sorted(os.walk(tmp_path)) == before, "something was written"
+    assert not (tmp_path / "marker").exists()
