@@ -275,7 +275,7 @@ def score_series(pool: CurvaturePool, series: Series, *, spec: ScoreSpec, data: 
         ray.get(refs)
 
 
-def table_metadata(series: Series) -> dict[str, Any]:
+def series_metadata(series: Series) -> dict[str, Any]:
     """What a checkpoint run adds to its score tables' metadata (METADATA_KEYS): the series, and
     whether csl and the co-scores are real (``training_records`` false: csl 0, co-scores null)."""
     return dict(zip(METADATA_KEYS, (series.pattern, series.training_records), strict=True))
@@ -404,22 +404,3 @@ def _weights_of(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torc
     if not isinstance(model, Mapping) or not all(isinstance(v, torch.Tensor) for v in model.values()):
         raise UsageError("model must be a torch.nn.Module or its state dict")
     return {name: tensor.detach().cpu().clone() for name, tensor in model.items()}
-
-
-
-def mark_tables(spec: ScoreSpec, tables: dict[str, Any], series: Series) -> dict[str, Any]:
-    """The score tables ``write_results`` wrote for a checkpoint run (by estimator name, the
-    primary first), with :func:`table_metadata` added to their metadata, written again."""
-    import json
-
-    from raycurv.results import estimator_folder
-    from raycurv.table import METADATA_KEY, read_metadata
-
-    out = {}
-    for k, (estimator, (name, table)) in enumerate(zip(spec.curvature.estimators, tables.items(),
-                                                       strict=True)):
-        meta = json.dumps(read_metadata(table) | table_metadata(series), sort_keys=True).encode()
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: meta})
-        estimator_folder(spec, estimator, primary=k == 0).write_scores(table)
-        out[name] = table
-    return out

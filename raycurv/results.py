@@ -51,10 +51,11 @@ def estimator_folder(spec: ScoreSpec, estimator: EstimatorSpec, *, primary: bool
     return folder if primary else folder.estimator(estimator.name)
 
 
-def write_results(spec: ScoreSpec, data: Prepared, merged: Merged) -> dict[str, pa.Table]:
+def write_results(spec: ScoreSpec, data: Prepared, merged: Merged, *,
+                  extra_metadata: dict[str, Any] | None = None) -> dict[str, pa.Table]:
     """Write each estimator's per-epoch table, then its score table (each atomically, the score
-    tables last: their presence means the run is complete). Returns the score tables by
-    estimator name, the primary first."""
+    tables last: their presence means the run is complete), ``extra_metadata`` added to every
+    table's metadata. Returns the score tables by estimator name, the primary first."""
     estimators = spec.curvature.estimators
     folders = [estimator_folder(spec, e, primary=k == 0) for k, e in enumerate(estimators)]
     write_by_epoch(folders, merged, data.sample_ids, epochs=spec.train.epochs)
@@ -68,7 +69,8 @@ def write_results(spec: ScoreSpec, data: Prepared, merged: Merged) -> dict[str, 
             final_pred=merged.columns["final_pred"], conflicting=conflicting)
         epochs = [int(e) for e in np.flatnonzero(merged.scored[k])]
         metadata = table_metadata(spec, data, estimator, epochs) | {
-            "suspected": rule_metadata(threshold=DEFAULT_THRESHOLD, duplicate_threshold=near)}
+            "suspected": rule_metadata(threshold=DEFAULT_THRESHOLD, duplicate_threshold=near),
+            **(extra_metadata or {})}
         table = build_table(columns, metadata)
         folder.write_scores(table)
         tables[estimator.name] = table

@@ -22,7 +22,13 @@ from pydantic import ValidationError
 import raycurv
 from raycurv import storage
 from raycurv.actors import merge_summaries, start_pool
-from raycurv.checkpoints import Series, check_series, find_checkpoints, mark_tables, score_series
+from raycurv.checkpoints import (
+    Series,
+    check_series,
+    find_checkpoints,
+    score_series,
+    series_metadata,
+)
 from raycurv.cluster import check_resources, ensure_ray
 from raycurv.config import ScoreSpec
 from raycurv.data import Prepared, materialize, plane, prepare_dataset
@@ -211,9 +217,8 @@ def score_run(spec: ScoreSpec, *, address: str | None = None,
         merged = merge_summaries(pool.summaries(), data)
     finally:
         pool.shutdown()
-    tables = write_results(spec, data, merged)
-    if series is not None:
-        tables = mark_tables(spec, tables, series)
+    tables = write_results(spec, data, merged,
+                           extra_metadata=None if series is None else series_metadata(series))
     table = next(iter(tables.values()))
     records = series is None or series.training_records
     metrics = evaluate_table(table) if records else _without_score(evaluate_table(table), "csl")
