@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from raycurv import storage
@@ -109,28 +110,33 @@ def parquet_files(root: str) -> list[str]:
 
 def _index_parquet(root: str, image_column: str, label_column: str,
                    path_column: str | None) -> SourceIndex:
-    """The rows of every file, in file order; only the label (and path) columns are read."""
-    files, labels, paths, rows, names = [], [], [], [], None
+    """The rows of every file, in file order; only the label (and path) columns are read. The
+    listing stays in Arrow: ``file`` dictionary-encoded, ``path`` the path column or
+    ``file#row``, so a million rows cost tens of bytes each, not Python objects."""
+    files, labels, counts, paths = parquet_files(root), [], [], []
     wanted = [label_column, *([path_column] if path_column else [])]
-    for file in parquet_files(root):
+    for file in files:
         schema = storage.parquet_schema(file)
         missing = [c for c in (image_column, *wanted) if c not in schema.names]
         if missing:
             raise UsageError(f"{file} has no column {missing[0]!r}; it has {', '.join(schema.names)}")
-        names = names or schema.names
         table = storage.read_parquet(file, columns=wanted)
         labels.append(_parquet_labels(table.column(label_column), label_column, file))
-        paths += (table.column(path_column).to_pylist() if path_column
-                  else [f"{file}#{i}" for i in range(table.num_rows)])
-        files += [file] * table.num_rows
-        rows.append(np.arange(table.num_rows, dtype=np.int64))
+        counts.append(table.num_rows)
+        if path_column:
+            paths.append(pc.cast(table.column(path_column), pa.string()))
     labels = np.concatenate(labels)
     if len(labels) == 0:
         raise UsageError(f"no images in the Parquet files at {root}")
-    refs = pa.table({"path": pa.array([str(p) for p in paths], pa.string()),
-                     "file": pa.array(files, pa.string()), "row": pa.array(np.concatenate(rows))})
-    sizes = [storage.size(f) for f in sorted(set(files))]
-    digest = _digest(sorted(set(files)), sizes, labels)
+    file = pa.DictionaryArray.from_arrays(
+        pa.array(np.repeat(np.arange(len(files), dtype=np.int32), counts)), pa.array(files, pa.string()))
+    row = pa.array(np.concatenate([np.arange(c, dtype=np.int64) for c in counts]))
+    path = (pa.chunked_array([c for chunked in paths for c in chunked.chunks], pa.string())
+            if path_column else
+            pc.binary_join_element_wise(pc.cast(file, pa.string()), pc.cast(row, pa.string()), "#"))
+    refs = pa.table({"path": path, "file": file, "row": row})
+    listed = [f for f, k in zip(files, counts, strict=True) if k]  # files holding rows
+    digest = _digest(listed, [storage.size(f) for f in listed], labels)
     return SourceIndex(labels, refs, int(labels.max()) + 1, None, digest)
 
 
@@ -379,15 +385,23 @@ def probe_shape(refs: pa.Table, *, image_column: str,
 
 def _sample_stats(store: Store, seed: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of images / 255 over a seeded sample of up to STATS_SAMPLE rows
-    (one contiguous run per part, so only a few parts' pages are read)."""
+    (one contiguous run of 256 per part read, so only a few parts' pages are read), accumulated
+    run by run in float64: memory for one run of images, not the whole sample."""
     rng = np.random.default_rng([seed, 0x7374617473])  # "stats"
     n = len(store)
     take = min(n, STATS_SAMPLE)
     starts = np.sort(rng.choice(max(n - 255, 1), size=max(1, take // 256), replace=False))
-    images = np.concatenate([store.read_rows(int(a), int(a) + 256)["image"] for a in starts])
-    x = images.astype(np.float64) / 255.0
-    return (tuple(float(v) for v in x.mean(axis=(0, 2, 3))),
-            tuple(float(max(v, 1e-6)) for v in x.std(axis=(0, 2, 3))))
+    channels = store.shape[0]
+    count, total, squares = 0, np.zeros(channels), np.zeros(channels)
+    for a in starts:
+        x = store.read_rows(int(a), int(a) + 256, columns=("image",))["image"]  # (B, C, H, W) uint8
+        x = x.transpose(1, 0, 2, 3).reshape(channels, -1).astype(np.float64) / 255.0
+        count += x.shape[1]
+        total += x.sum(axis=1)
+        squares += np.square(x).sum(axis=1)
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return (tuple(float(v) for v in mean), tuple(float(max(v, 1e-6)) for v in std))
 
 
 def check_images(refs: pa.Table, *, image_column: str, size: tuple[int, int] | None) -> None:
@@ -397,8 +411,7 @@ def check_images(refs: pa.Table, *, image_column: str, size: tuple[int, int] | N
     every file (decoded: nulls, strings, ragged or mixed-size cells). A bad image further in is
     still one line, from the write (after Ray has started)."""
     if "file" in refs.column_names:
-        files = np.asarray(refs.column("file").to_pylist())
-        first = np.concatenate([np.flatnonzero(files == f)[:CHECKED_ROWS] for f in dict.fromkeys(files)])
+        first = _first_rows_of_each_file(refs.column("file"), CHECKED_ROWS)
         images = decode_refs(refs.take(pa.array(first)), image_column=image_column, size=size)
         _same_shape(images, refs.column("path").take(pa.array(first)).to_pylist())
         return
@@ -414,6 +427,16 @@ def check_images(refs: pa.Table, *, image_column: str, size: tuple[int, int] | N
             raise UsageError(f"images differ in size: {first[1]} is {first[0][0]}x{first[0][1]}, "
                              f"{path} is {found[0]}x{found[1]} (width x height); pass "
                              "--image-size H[xW] to resize them")
+
+
+def _first_rows_of_each_file(file: pa.ChunkedArray, count: int) -> np.ndarray:
+    """Positions of the first ``count`` rows of each file in the ``file`` column, files in the
+    order they first appear, rows in order."""
+    codes = pc.dictionary_encode(file.combine_chunks()).indices.to_numpy()
+    order = np.argsort(codes, kind="stable")
+    _, starts, sizes = np.unique(codes[order], return_index=True, return_counts=True)
+    groups = [order[a:a + min(k, count)] for a, k in zip(starts, sizes, strict=True)]
+    return np.concatenate(sorted(groups, key=lambda g: g[0]))
 
 
 def _header_size(path: str) -> tuple[int, int]:
