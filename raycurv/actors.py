@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raycurv import storage
+from raycurv.cluster import outside_placement_groups
 from raycurv.config import ScoreSpec
 from raycurv.curvature import curvature, reduce_probe_norms
 from raycurv.data import Normalization, Prepared
@@ -286,8 +286,7 @@ def shard_specs(spec: ScoreSpec, data: Prepared) -> list[ShardSpec]:
 
 def start_pool(spec: ScoreSpec, data: Prepared) -> CurvaturePool:
     """Create the curvature actors, each with only its shard's images in the object store."""
-    # on the cluster, not inside the caller's placement group (a Tune trial's)
-    outside = PlacementGroupSchedulingStrategy(placement_group=None)
+    outside = outside_placement_groups()
     c = spec.curvature
     actors, refs = [], []
     for shard_spec in shard_specs(spec, data):

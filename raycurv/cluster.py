@@ -208,3 +208,11 @@ def check_resources(*, cpus: float, gpus: float) -> None:
     if cpus > total.get("CPU", 0) + 1e-9 or gpus > total.get("GPU", 0) + 1e-9:
         raise UsageError(f"the run needs {cpus:g} CPUs and {gpus:g} GPUs; the cluster has "
                          f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs")
+
+
+def outside_placement_groups():
+    """A scheduling strategy that places a task or actor on the cluster itself, not inside the
+    caller's placement group (a Tune trial's), whose bundles hold the trial's workers only."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(placement_group=None)

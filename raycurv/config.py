@@ -51,6 +51,9 @@ class DataSpec(_Spec):
     path_column: str | None = None  # Parquet: a column naming each sample's source (else file#row)
     image_size: str | None = None  # image folders and Parquet: resize to "H" or "HxW"
     max_classes: int = Field(default=MAX_CLASSES, ge=2)
+    # search the images for duplicate groups whose labels disagree at the end of a run (the
+    # suspected column's conflicting_duplicate; raycurv.duplicates)
+    duplicate_search: bool = True
 
 
 class TrainSpec(_Spec):

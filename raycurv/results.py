@@ -15,6 +15,7 @@ import pyarrow as pa
 
 import raycurv
 from raycurv import storage
+from raycurv.cluster import outside_placement_groups
 from raycurv.config import EstimatorSpec, ScoreSpec
 from raycurv.data import Prepared
 from raycurv.data.plane import StoreImages
@@ -59,7 +60,7 @@ def write_results(spec: ScoreSpec, data: Prepared, merged: Merged, *,
     estimators = spec.curvature.estimators
     folders = [estimator_folder(spec, e, primary=k == 0) for k, e in enumerate(estimators)]
     write_by_epoch(folders, merged, data.sample_ids, epochs=spec.train.epochs)
-    conflicting, near = conflicting_duplicates(data)
+    conflicting, near = conflicting_duplicates(spec, data)
     tables = {}
     for k, (estimator, folder) in enumerate(zip(estimators, folders, strict=True)):
         columns = {**merged.columns, "curvature": merged.curvature[k],
@@ -77,15 +78,26 @@ def write_results(spec: ScoreSpec, data: Prepared, merged: Merged, *,
     return tables
 
 
-def conflicting_duplicates(data: Prepared) -> tuple[np.ndarray, float]:
-    """(N,) bool, in a group of exact or near-duplicate images whose labels disagree (the image
-    search of raycurv.duplicates over the run's images, streamed from a prepared dataset), and
-    the near-duplicate distance used."""
-    from raycurv.duplicates import NEAR_THRESHOLD, find_duplicates  # faiss: only here
+def conflicting_duplicates(spec: ScoreSpec, data: Prepared) -> tuple[np.ndarray | None, float | None]:
+    """(N,) bool, in a group of exact or near-duplicate images whose labels disagree, and the
+    near-duplicate distance used; (None, None) when the run does not search
+    (``data.duplicate_search`` off). The search (raycurv.duplicates) runs as one Ray task on the
+    run's images, streamed from a prepared dataset, so the driver never holds them."""
+    if not spec.data.duplicate_search:
+        return None, None
+    import ray
+
+    from raycurv.duplicates import NEAR_THRESHOLD
 
     images = data.images if data.images is not None else StoreImages(data.store, 0, len(data))
-    found = find_duplicates(images, data.labels, scale=data.norm.scale, threshold=NEAR_THRESHOLD)
-    return found.in_conflicting_group(), NEAR_THRESHOLD
+    search = ray.remote(num_cpus=1, scheduling_strategy=outside_placement_groups())(_conflicting)
+    return ray.get(search.remote(images, data.labels, data.norm.scale, NEAR_THRESHOLD)), NEAR_THRESHOLD
+
+
+def _conflicting(images, labels: np.ndarray, scale: float, threshold: float) -> np.ndarray:
+    from raycurv.duplicates import find_duplicates  # faiss and torch: only in the task
+
+    return find_duplicates(images, labels, scale=scale, threshold=threshold).in_conflicting_group()
 
 
 def write_by_epoch(folders: list[RunFolder], merged: Merged, sample_ids: np.ndarray, *,

@@ -53,3 +53,14 @@ def test_precision_and_recall_against_the_injected_truth():
     assert found["mislabel"] == {"flagged": 3, "precision": 2 / 3, "recall": 2 / 4}
     assert found["conflicting_duplicate"] == {"flagged": 2, "precision": 1.0, "recall": 1.0}
     assert found["atypical"] == {"flagged": 2, "precision": 0.5, "recall": None}
+
+
+def test_the_duplicate_search_can_be_switched_off():
+    from raycurv.cli import build_parser
+    from raycurv.commands.score import build_spec
+    from raycurv.results import conflicting_duplicates
+
+    args = build_parser().parse_args(["score", "--no-duplicate-search", "--limit", "20"])
+    spec = build_spec(args)
+    assert spec.data.duplicate_search is False
+    assert conflicting_duplicates(spec, None) == (None, None)  # nothing searched, Ray untouched

@@ -41,6 +41,10 @@ SPEC_FLAGS: dict[str, tuple[str | None, str, dict[str, Any]]] = {
                                                     "H or HxW pixels"}),
     "--max-classes": ("data", "max_classes", {"type": int, "help": "refuse labels that make more "
                                                                    "classes (default 100000)"}),
+    "--duplicate-search": ("data", "duplicate_search", {
+        "action": argparse.BooleanOptionalAction,
+        "help": "search the images for duplicates whose labels disagree at the end of the run, "
+                "for the suspected column (default on)"}),
     "--seed": (None, "seed", {"type": int}),
     "--name": (None, "name", {"help": "run name (default: the run folder's name)"}),
     "--run-dir": (None, "run_dir", {"help": "run folder: a path or a pyarrow URI (s3://, gs://)"}),
