@@ -4,8 +4,10 @@ images, random labels, several files) scored for one epoch, at each size in a fr
     python -m bench.scale [--sizes 50000,500000 --files 8 --epochs 1]
 
 For each N it prints the driver's peak RSS, the largest peak RSS of any Ray worker process (the
-training worker, the curvature actors, Ray Data's tasks; sampled every 0.2 s), the prepared
-dataset's write time and the training and scoring throughput. At the smallest N it also trains the
+training worker, the curvature actors, Ray Data's tasks; sampled every 0.2 s) and the largest
+peak of private memory (RSS counts the pages of Ray's shared-memory object store that a process
+reads; private memory does not), and the training and end-to-end throughput. The end-of-run
+duplicate search is off here: bench/neardup.py measures it. At the smallest N it also trains the
 same data held in memory (the path of the built-in datasets) and the streamed prepared dataset side
 by side, training only, and reports the throughput ratio. The last line is a JSON object.
 """
@@ -51,30 +53,54 @@ def write_dataset(folder: str, n: int, files: int, seed: int = 0) -> None:
         pq.write_table(table, f"{folder}/part-{k:03d}.parquet", row_group_size=2048)
 
 
+def _descendants(root: int) -> list[str]:
+    """Process ids below ``root``: the cluster this process started (raylet, workers), not the
+    processes of another Ray cluster on the same machine."""
+    parent = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent[pid] = f.read().rsplit(")", 1)[1].split()[1]  # field 4: the parent's pid
+        except OSError:
+            continue
+    out = []
+    for pid in parent:
+        up = pid
+        while up in parent and up != str(root):
+            up = parent[up]
+        if up == str(root) and pid != str(root):
+            out.append(pid)
+    return out
+
+
 class PeakRss:
-    """Samples the RSS of Ray's worker processes (``ray::`` titles) until stopped; keeps each
-    process's peak."""
+    """Samples the Ray worker processes (``ray::`` titles) of the cluster this process started,
+    every 0.2 s until stopped; keeps each
+    process's peak RSS (VmHWM) and its peak private memory (RssAnon: RSS less the pages of files
+    and of Ray's shared-memory object store, which a reader maps and which RSS counts)."""
 
     def __init__(self) -> None:
         self.peaks: dict[int, tuple[str, int]] = {}
+        self.private: dict[int, tuple[str, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            for pid in filter(str.isdigit, os.listdir("/proc")):
+            for pid in _descendants(os.getpid()):
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as f:
                         title = f.read().replace(b"\0", b" ").decode(errors="replace")[:60]
                     if not title.startswith("ray::"):
                         continue
-                    with open(f"/proc/{pid}/status") as f:  # VmHWM: the process's peak RSS
-                        peak = next(int(line.split()[1]) * 1024 for line in f
-                                    if line.startswith("VmHWM:"))
-                except (OSError, StopIteration):
+                    with open(f"/proc/{pid}/status") as f:
+                        fields = dict(line.split(":", 1) for line in f if ":" in line)
+                    peak, anon = (int(fields[k].split()[0]) * 1024 for k in ("VmHWM", "RssAnon"))
+                except (OSError, KeyError, ValueError):
                     continue
-                if peak > self.peaks.get(int(pid), ("", 0))[1]:
-                    self.peaks[int(pid)] = (title.strip(), peak)
+                for store, value in ((self.peaks, peak), (self.private, anon)):
+                    if value > store.get(int(pid), ("", 0))[1]:
+                        store[int(pid)] = (title.strip(), value)
 
     def __enter__(self) -> PeakRss:
         self._thread.start()
@@ -84,8 +110,9 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
 
-    def largest(self) -> tuple[str, float]:
-        title, rss = max(self.peaks.values(), key=lambda v: v[1], default=("none", 0))
+    def largest(self, *, private: bool = False) -> tuple[str, float]:
+        title, rss = max((self.private if private else self.peaks).values(), key=lambda v: v[1],
+                         default=("none", 0))
         return title, rss / GB
 
 
@@ -102,7 +129,9 @@ def one_size(n: int, files: int, epochs: int, compare: bool) -> dict:
     try:
         write_dataset(f"{work}/src", n, files)
         spec = ScoreSpec.model_validate({
-            "run_dir": f"{work}/run", "data": {"dataset": "parquet", "data_root": f"{work}/src"},
+            # the end-of-run duplicate search is measured on its own: bench/neardup.py
+            "run_dir": f"{work}/run", "data": {"dataset": "parquet", "data_root": f"{work}/src",
+                                               "duplicate_search": False},
             "train": {"epochs": epochs, "batch_size": 256},
             "curvature": {"batch_size": 512, "actors": 2, "actor_cpus": 0.5}})
         ray.init(num_cpus=3, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
@@ -114,6 +143,8 @@ def one_size(n: int, files: int, epochs: int, compare: bool) -> dict:
         out = {"n": n, "run_s": run_s, "driver_peak_rss_gb": resource.getrusage(
             resource.RUSAGE_SELF).ru_maxrss / 1024**2,
             "worker_peak_rss_gb": workers.largest()[1], "worker_peak": workers.largest()[0],
+            "worker_peak_private_gb": workers.largest(private=True)[1],
+            "worker_peak_private": workers.largest(private=True)[0],
             "train_samples_per_s": result.train.get("train_samples_per_s"),
             "scored_samples_per_s": n * epochs / run_s}
         if compare:  # training only, streamed vs in memory, on the same prepared data
@@ -155,14 +186,17 @@ def main() -> None:
         results[n] = json.loads(child.stdout.strip().splitlines()[-1])
         r = results[n]
         print(f"N={n}: run {r['run_s']:.0f} s; driver peak RSS {r['driver_peak_rss_gb']:.2f} GB; "
-              f"largest worker peak RSS {r['worker_peak_rss_gb']:.2f} GB ({r['worker_peak']}); "
+              f"largest worker peak RSS {r['worker_peak_rss_gb']:.2f} GB ({r['worker_peak']}), "
+              f"private {r['worker_peak_private_gb']:.2f} GB ({r['worker_peak_private']}); "
               f"training {r['train_samples_per_s']:.0f} samples/s", flush=True)
     first, last = results[sizes[0]], results[sizes[-1]]
     summary = {
         "driver_peak_rss_gb": {n: r["driver_peak_rss_gb"] for n, r in results.items()},
         "worker_peak_rss_gb": {n: r["worker_peak_rss_gb"] for n, r in results.items()},
+        "worker_peak_private_gb": {n: r["worker_peak_private_gb"] for n, r in results.items()},
         "driver_rss_growth": last["driver_peak_rss_gb"] / first["driver_peak_rss_gb"],
         "worker_rss_growth": last["worker_peak_rss_gb"] / first["worker_peak_rss_gb"],
+        "worker_private_growth": last["worker_peak_private_gb"] / first["worker_peak_private_gb"],
         "throughput_vs_in_memory": first.get("throughput_vs_in_memory"),
         "train_samples_per_s": {n: r["train_samples_per_s"] for n, r in results.items()},
         "run_s": {n: r["run_s"] for n, r in results.items()},
