@@ -134,11 +134,11 @@ def epoch_data(data: TrainData, *, world: int, rank: int, batch_size: int, seed:
             yield positions, data.images[positions], data.labels[positions]
         return
     shard = ray.train.get_dataset_shard("train")
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
                                     local_shuffle_buffer_size=SHUFFLE_BATCHES * batch_size,
                                     local_shuffle_seed=seed * 1_000_003 + epoch * 1_009 + rank):
-        yield (np.searchsorted(data.sample_ids, batch["sample_id"]),
-               images_of(batch["image"], data.shape), batch["label"])
+        yield (np.searchsorted(data.sample_ids, batch.column("sample_id").to_numpy()),
+               images_of(batch.column("image"), data.shape), batch.column("label").to_numpy())
 
 
 def _train_epoch(model, opt, data: TrainData, batches, *, device, generator, pad):

@@ -304,7 +304,19 @@ def _read_parts(batch: pa.Table) -> pa.Table:
 
 
 def images_of(column, shape: tuple[int, int, int]) -> np.ndarray:
-    """A column of raw image bytes (Arrow, numpy object array or list) -> uint8 (B, C, H, W)."""
+    """A column of raw image bytes (Arrow, numpy object array or list) -> uint8 (B, C, H, W). An
+    Arrow binary column is read through its buffers, without a Python object per image (a
+    read-only view of Arrow's memory)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if isinstance(column, pa.BinaryArray | pa.LargeBinaryArray) and not column.null_count:
+        width = np.int64 if isinstance(column, pa.LargeBinaryArray) else np.int32
+        offsets = np.frombuffer(column.buffers()[1], width)[column.offset:column.offset + len(column) + 1]
+        flat = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0]:offsets[-1]] if len(column) else \
+            np.empty(0, np.uint8)
+        view = flat.reshape(len(column), *shape)
+        view.flags.writeable = False  # Arrow's memory
+        return view
     values = column.to_pylist() if hasattr(column, "to_pylist") else list(column)
     flat = np.frombuffer(b"".join(values), dtype=np.uint8)
     return flat.reshape(len(values), *shape)
