@@ -171,10 +171,12 @@ def table_columns(table: pa.Table) -> dict[str, np.ndarray]:
 
 def find_run_duplicates(folder: RunFolder, table: pa.Table, threshold: float):
     """Exact and near duplicate groups among the run's images (prepared again from the run's record)."""
+    from raycurv.data.plane import StoreImages
     from raycurv.duplicates import find_duplicates  # torch and a nearest-neighbour index: only here
 
     data = load_run_data(folder, table)
-    return find_duplicates(data.load_images(), data.labels, scale=data.norm.scale, threshold=threshold)
+    images = data.images if data.images is not None else StoreImages(data.store, 0, len(data))
+    return find_duplicates(images, data.labels, scale=data.norm.scale, threshold=threshold)
 
 
 def load_run_table(run: str, epochs: str | None = None) -> tuple[RunFolder, pa.Table]:

@@ -35,6 +35,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from raycurv import storage
 from raycurv.agreement import join_reference
 from raycurv.class_names import class_names
+from raycurv.data.plane import StoreImages
 from raycurv.detection import flagging_scores
 from raycurv.duplicates import NEAR_THRESHOLD, find_duplicates
 from raycurv.errors import UsageError
@@ -348,7 +349,8 @@ def make_report(run: str, out: str | None = None, *, top: int = 100, reference: 
     data = load_run_data(folder, table) if folder.read_record() else None
     dups = None
     if data is not None and duplicates:
-        dups = find_duplicates(data.load_images(), data.labels, scale=data.norm.scale,
+        images = data.images if data.images is not None else StoreImages(data.store, 0, len(data))
+        dups = find_duplicates(images, data.labels, scale=data.norm.scale,
                                threshold=NEAR_THRESHOLD if threshold is None else threshold)
     metrics = collect_metrics(table, reference=ref, dups=dups, epochs=epochs)
     cols = table_columns(table) | {k: table.column(k).to_numpy() for k in ("final_pred", "percentile")}

@@ -106,3 +106,23 @@ def test_duplicate_metrics_rank_the_conflicting_groups(constructed):
     assert r["members_in_top"] == 0.5
     assert m["conflicting"][0]["sample_ids"] == [0, 60]
     assert m["conflicting"][0]["curvature_ranks"] == [1, 61]
+
+
+def test_approximate_index_finds_the_exact_index_groups():
+    """3000 distinct images with 40 copies shifted by up to a pixel and noised (1 %) and 20
+    exact copies: the IVF path (forced by exact_below=0) finds the same groups as the flat path,
+    every planted copy among them."""
+    rng = np.random.default_rng(5)
+    base = smooth_images(3000, seed=4)
+    sources = rng.choice(len(base), 60, replace=False)
+    near = [np.clip(shifted(base[s], *rng.choice([-1, 0, 1], 2))
+                    + rng.normal(0, 0.01 * 255, base[s].shape), 0, 255).astype(np.uint8)
+            for s in sources[:40]]
+    images = np.concatenate([base, np.stack(near), base[sources[40:]]])
+    labels = np.zeros(len(images), dtype=np.int64)
+    exact = find_duplicates(images, labels, scale=255.0)
+    approx = find_duplicates(images, labels, scale=255.0, exact_below=0)
+    groups = {tuple(g.members.tolist()) for g in approx.groups}
+    assert groups == {tuple(g.members.tolist()) for g in exact.groups}
+    copies = np.arange(len(base), len(images))
+    assert (approx.group[copies] >= 0).all() and (approx.group[copies] == approx.group[sources]).all()
