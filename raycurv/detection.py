@@ -138,22 +138,25 @@ def suspected_metrics(columns: dict[str, np.ndarray]) -> dict[str, dict[str, Any
     - ``conflicting_duplicate`` against the injected conflicting copies and the samples they copy;
     - ``atypical``: no truth; its share of corrupted samples says how much noise it holds.
 
-    Returns {kind: {flagged, precision, recall}} (``recall`` of atypical: None; precision NaN
-    where nothing is flagged, recall NaN where the truth is empty)."""
+    Returns {kind: {flagged, precision, recall}} for mislabel and conflicting_duplicate (precision
+    None where nothing is flagged, recall None where the truth is empty), and {flagged,
+    corrupted_share} for atypical."""
     suspected = np.asarray(columns["suspected"], dtype=object)
     corrupted = np.asarray(columns["corrupted"], dtype=bool)
     copies = _is_duplicate(columns["duplicate_of"])
     sources = np.isin(np.asarray(columns["sample_id"]),
                       np.asarray(columns["duplicate_of"])[copies].astype(np.int64))
-    truth = {"mislabel": corrupted, "conflicting_duplicate": copies | sources, "atypical": corrupted}
+    truth = {"mislabel": corrupted, "conflicting_duplicate": copies | sources}
     out = {}
     for kind, known in truth.items():
         flagged = suspected == kind
         hits = int((flagged & known).sum())
         out[kind] = {"flagged": int(flagged.sum()),
-                     "precision": hits / flagged.sum() if flagged.any() else float("nan"),
-                     "recall": None if kind == "atypical" else
-                     (hits / known.sum() if known.any() else float("nan"))}
+                     "precision": hits / int(flagged.sum()) if flagged.any() else None,
+                     "recall": hits / int(known.sum()) if known.any() else None}
+    atypical = suspected == "atypical"
+    out["atypical"] = {"flagged": int(atypical.sum()), "corrupted_share":
+                       float(corrupted[atypical].mean()) if atypical.any() else None}
     return out
 
 

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raycurv.detection import SCORES, evaluate_table, flagging_scores
+from raycurv.detection import SCORES, evaluate_table, flagging_scores, suspected_metrics
 from raycurv.errors import UsageError
 from raycurv.rundata import load_run_data
 from raycurv.runfolder import BY_EPOCH_FILE, RunFolder, read_run_scores
-from raycurv.table import TableError, rank_and_percentile, with_optional_columns
+from raycurv.table import TableError, rank_and_percentile, read_metadata, with_optional_columns
 
 TARGET_TITLES = {"corrupted": "corrupted labels", "duplicate": "duplicates vs clean"}
 
@@ -52,26 +52,32 @@ def parse_epochs(text: str) -> tuple[int, int | None]:
     return start, stop
 
 
-def epoch_window(by_epoch: pa.Table, sample_ids: np.ndarray, start: int,
+def epoch_window(by_epoch, sample_ids: np.ndarray, start: int,
                  stop: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Mean per-epoch curvature over the scored epochs in [start, stop), per sample.
 
-    by_epoch: (sample_id, epoch, curvature) rows; sample_ids: (N,). Returns the mean (N,) float64
-    (higher = more memorized) and the number of epochs averaged (N,) int. UsageError when the
-    window holds no scored epoch for some sample.
+    by_epoch: (sample_id, epoch, curvature) rows, a table or an iterable of record batches (read
+    as they come: memory for one batch and the (N,) sums); sample_ids: (N,) increasing. Returns
+    the mean (N,) float64 (higher = more memorized) and the number of epochs averaged (N,) int.
+    UsageError when the window holds no scored epoch for some sample.
     """
-    epoch = by_epoch.column("epoch").to_numpy()
-    inside = (epoch >= start) & (epoch < (stop if stop is not None else np.iinfo(np.int64).max))
-    ids = by_epoch.column("sample_id").to_numpy()[inside]
-    values = by_epoch.column("curvature").to_numpy()[inside].astype(np.float64)
-    pos = np.searchsorted(sample_ids, ids)
-    pos = np.clip(pos, 0, len(sample_ids) - 1)
-    known = sample_ids[pos] == ids
-    sums = np.bincount(pos[known], weights=values[known], minlength=len(sample_ids))
-    counts = np.bincount(pos[known], minlength=len(sample_ids))
+    batches = by_epoch.to_batches() if isinstance(by_epoch, pa.Table) else by_epoch
+    sums = np.zeros(len(sample_ids))
+    counts = np.zeros(len(sample_ids), dtype=np.int64)
+    scored: set[int] = set()
+    last = stop if stop is not None else np.iinfo(np.int64).max
+    for batch in batches:
+        epoch = batch.column("epoch").to_numpy()
+        scored.update(np.unique(epoch).tolist())
+        inside = (epoch >= start) & (epoch < last)
+        ids = batch.column("sample_id").to_numpy()[inside]
+        values = batch.column("curvature").to_numpy()[inside].astype(np.float64)
+        pos = np.clip(np.searchsorted(sample_ids, ids), 0, max(len(sample_ids) - 1, 0))
+        known = sample_ids[pos] == ids
+        sums += np.bincount(pos[known], weights=values[known], minlength=len(sample_ids))
+        counts += np.bincount(pos[known], minlength=len(sample_ids))
     if not counts.all():
-        scored = sorted(set(epoch.tolist()))
-        have = f"{scored[0]}..{scored[-1]}" if scored else "none"
+        have = f"{min(scored)}..{max(scored)}" if scored else "none"
         raise UsageError(f"epochs {start}:{'' if stop is None else stop} hold no scored epoch for "
                          f"{int((counts == 0).sum())} samples; scored epochs: {have}")
     return sums / counts, counts
@@ -92,14 +98,14 @@ def with_curvature(table: pa.Table, curvature: np.ndarray, epochs_scored: np.nda
 def read_epoch_window(folder: RunFolder, table: pa.Table, epochs: str) -> pa.Table:
     """``table`` scored by the mean curvature of the epoch window ``epochs`` ('A:B')."""
     start, stop = parse_epochs(epochs)
-    try:
-        by_epoch = folder.read_by_epoch()
-    except TableError as exc:
-        raise UsageError(str(exc)) from None
+    by_epoch = folder.iter_by_epoch()
     if by_epoch is None:
         raise UsageError(f"no {BY_EPOCH_FILE} in {folder.location}: --epochs needs the per-epoch "
                          "curvature")
-    mean, counts = epoch_window(by_epoch, table.column("sample_id").to_numpy(), start, stop)
+    try:
+        mean, counts = epoch_window(by_epoch, table.column("sample_id").to_numpy(), start, stop)
+    except (OSError, pa.ArrowException) as exc:  # a damaged file: one line
+        raise UsageError(f"cannot read {folder.by_epoch}: {str(exc).splitlines()[0]}") from None
     return with_curvature(table, mean, counts)
 
 
@@ -198,6 +204,12 @@ def collect_metrics(table: pa.Table, *, reference: pa.Table | None = None, top_k
     """Detection metrics of ``table``, plus agreement with ``reference`` and duplicate-group
     metrics of ``dups`` (raycurv.duplicates.Duplicates) where given."""
     metrics = evaluate_table(table)
+    if not read_metadata(table).get("training_records", True):  # scored checkpoints: csl is 0
+        for by_score in metrics["detection"].values():
+            by_score.pop("csl", None)
+    if "suspected" in table.column_names and table.column("suspected").null_count < table.num_rows:
+        metrics["suspected"] = suspected_metrics(table_columns(table) | {
+            "suspected": table.column("suspected").to_numpy(zero_copy_only=False)})
     if epochs is not None:
         metrics["epochs"] = epochs
     if reference is not None:
@@ -255,6 +267,23 @@ def format_run(metrics: dict[str, Any]) -> str:
     parts.append(format_metrics(metrics))
     if "agreement" in metrics:
         parts.append(format_agreement(metrics["agreement"]))
+    if "suspected" in metrics:
+        parts.append(format_suspected(metrics["suspected"]))
     if "duplicate_groups" in metrics:
         parts.append(format_duplicates(metrics["duplicate_groups"]))
     return "\n".join(parts)
+
+
+def format_suspected(found: dict[str, dict[str, Any]]) -> str:
+    """raycurv.detection.suspected_metrics as text: per kind, how many, and where the truth is
+    known (injected noise and copies) precision and recall; for atypical, the corrupted share."""
+    def cell(value: float | None) -> str:
+        return f"{value:>8.4f}" if value is not None else f"{'-':>8}"
+
+    lines = [f"{'suspected (rule: the table metadata)':<40}{'flagged':>8}{'prec.':>8}{'recall':>8}"]
+    for kind in ("mislabel", "conflicting_duplicate"):
+        m = found[kind]
+        lines.append(f"  {kind:<38}{m['flagged']:>8}{cell(m['precision'])}{cell(m['recall'])}")
+    m = found["atypical"]
+    lines.append(f"  {'atypical (share corrupted)':<38}{m['flagged']:>8}{cell(m['corrupted_share'])}")
+    return "\n".join(lines)

@@ -43,9 +43,11 @@ from raycurv.evaluate import collect_metrics, format_run, load_run_table, table_
 from raycurv.pixels import to_image
 from raycurv.reference import read_reference
 from raycurv.rundata import load_run_data
+from raycurv.runfolder import RunFolder
 from raycurv.table import read_metadata
 
 COLORS = {"clean": "#4c72b0", "corrupted": "#dd5151", "duplicate": "#e39b22"}
+BAND_SAMPLES = 20_000  # samples the per-epoch figure's band is drawn from, at most
 
 
 def pyplot():
@@ -154,24 +156,40 @@ def per_class_figure(cols: dict[str, np.ndarray], names: tuple[str, ...] | None,
 
 def epochs_figure(by_epoch: pa.Table, cols: dict[str, np.ndarray], path: Path, top: int = 10) -> str:
     """Per-epoch curvature of the ``top`` highest-ranked samples, against the median and the
-    10-90 % band of all samples."""
+    10-90 % band of the samples ``by_epoch`` holds (every sample, or a sample of them: see
+    :func:`epoch_rows`)."""
     plt = pyplot()
     ids, epoch = by_epoch.column("sample_id").to_numpy(), by_epoch.column("epoch").to_numpy()
     values = by_epoch.column("curvature").to_numpy()
-    epochs = np.unique(epoch)
-    grid = np.full((len(epochs), len(cols["sample_id"])), np.nan)
-    grid[np.searchsorted(epochs, epoch), np.searchsorted(cols["sample_id"], ids)] = values
+    epochs, present = np.unique(epoch), np.unique(ids)
+    grid = np.full((len(epochs), len(present)), np.nan)  # (epochs, samples shown)
+    grid[np.searchsorted(epochs, epoch), np.searchsorted(present, ids)] = values
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    band = "all samples" if len(present) >= len(cols["sample_id"]) else f"{len(present):,} samples"
     low, mid, high = np.nanquantile(grid, [0.1, 0.5, 0.9], axis=1)
-    ax.fill_between(epochs, low, high, color="grey", alpha=0.25, label="all samples, 10-90 %")
-    ax.plot(epochs, mid, color="black", lw=1.5, label="all samples, median")
+    ax.fill_between(epochs, low, high, color="grey", alpha=0.25, label=f"{band}, 10-90 %")
+    ax.plot(epochs, mid, color="black", lw=1.5, label=f"{band}, median")
     for pos in np.argsort(-cols["curvature"], kind="stable")[:top]:
-        ax.plot(epochs, grid[:, pos], lw=1, alpha=0.85, marker=".",
+        column = np.searchsorted(present, cols["sample_id"][pos])
+        ax.plot(epochs, grid[:, column], lw=1, alpha=0.85, marker=".",
                 label=f"sample {cols['sample_id'][pos]}")
     ax.set(yscale="log", xlabel="epoch", ylabel="curvature",
            title=f"Per-epoch curvature of the top {top} samples")
     ax.legend(fontsize=6, ncol=2)
     return _save(fig, path)
+
+
+def epoch_rows(folder: RunFolder, cols: dict[str, np.ndarray], *, top: int = 10,
+               band: int = BAND_SAMPLES) -> pa.Table | None:
+    """The per-epoch rows the epochs figure draws: the ``top`` highest-ranked samples and, for
+    the band, every sample or a seeded sample of ``band`` of them (a run of millions of samples
+    and hundreds of epochs is never read whole)."""
+    ids = cols["sample_id"]
+    if len(ids) <= band:
+        return folder.read_by_epoch()
+    chosen = np.random.default_rng(0).choice(len(ids), size=band, replace=False)
+    shown = np.union1d(ids[chosen], ids[np.argsort(-cols["curvature"], kind="stable")[:top]])
+    return folder.read_by_epoch(sample_ids=shown)
 
 
 def reference_figure(cols: dict[str, np.ndarray], joined: dict[str, np.ndarray], path: Path) -> str:
@@ -354,7 +372,7 @@ def make_report(run: str, out: str | None = None, *, top: int = 100, reference: 
                                threshold=NEAR_THRESHOLD if threshold is None else threshold)
     metrics = collect_metrics(table, reference=ref, dups=dups, epochs=epochs)
     cols = table_columns(table) | {k: table.column(k).to_numpy() for k in ("final_pred", "percentile")}
-    by_epoch = folder.read_by_epoch() if epochs is None else None
+    by_epoch = epoch_rows(folder, cols) if epochs is None else None
     meta = read_metadata(table)
     names = class_names(meta)
     joined = join_reference(table, ref) if ref is not None else None

@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from raycurv import storage
@@ -177,11 +178,20 @@ class RunFolder:
         validate_table(table)
         storage.write_parquet(self.scores, table)
 
-    def read_by_epoch(self) -> pa.Table | None:
-        """(sample_id, epoch, curvature) rows of every scored epoch, or None when absent."""
+    def read_by_epoch(self, *, sample_ids: np.ndarray | None = None) -> pa.Table | None:
+        """(sample_id, epoch, curvature) rows of every scored epoch (of ``sample_ids`` only, when
+        given), or None when absent."""
         if not storage.is_file(self.by_epoch):
             return None
-        return read_table_file(self.by_epoch, columns=BY_EPOCH_SCHEMA.names)
+        filters = None if sample_ids is None else [("sample_id", "in", np.asarray(sample_ids).tolist())]
+        return read_table_file(self.by_epoch, columns=BY_EPOCH_SCHEMA.names, filters=filters)
+
+    def iter_by_epoch(self):
+        """The per-epoch table's rows as record batches, read as they are consumed (None when
+        the run has none): any number of samples and epochs in bounded memory."""
+        if not storage.is_file(self.by_epoch):
+            return None
+        return storage.iter_parquet(self.by_epoch, columns=BY_EPOCH_SCHEMA.names)
 
     def write_by_epoch(self, table: pa.Table) -> None:
         storage.write_parquet(self.by_epoch, table.cast(BY_EPOCH_SCHEMA))
@@ -212,14 +222,14 @@ def legacy_shard_state(shard_state: str) -> str:
     return f"{shard_state.rstrip('/')}.npz"
 
 
-def read_table_file(location: str, *, memory_map: bool = True,
-                    columns: list[str] | None = None) -> pa.Table:
+def read_table_file(location: str, *, memory_map: bool = True, columns: list[str] | None = None,
+                    filters=None) -> pa.Table:
     """A Parquet file at ``location``; TableError (one line) when missing or unreadable."""
     if not storage.is_file(location):
         raise TableError(f"no score table at {location}" if location.endswith(SCORES_FILE)
                          else f"no file at {location}")
     try:
-        return storage.read_parquet(location, memory_map=memory_map, columns=columns)
+        return storage.read_parquet(location, memory_map=memory_map, columns=columns, filters=filters)
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise TableError(f"cannot read {location}: {str(exc).splitlines()[0]}") from None
 

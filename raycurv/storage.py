@@ -148,14 +148,25 @@ def parquet_writer(location: str, schema: pa.Schema):
         raise
 
 
-def read_parquet(location: str, *, memory_map: bool = True,
-                 columns: list[str] | None = None) -> pa.Table:
-    """Read one Parquet file; local files are memory-mapped (pages load as they are touched)."""
+def read_parquet(location: str, *, memory_map: bool = True, columns: list[str] | None = None,
+                 filters=None) -> pa.Table:
+    """Read one Parquet file; local files are memory-mapped (pages load as they are touched).
+    ``filters``: pyarrow's row filters (e.g. ``[("sample_id", "in", ids)]``), applied as it
+    reads."""
     local = local_path(location)
     if local is not None:
-        return pq.read_table(local, memory_map=memory_map, columns=columns)
+        return pq.read_table(local, memory_map=memory_map, columns=columns, filters=filters)
     fs, path = _resolve(location)
-    return pq.read_table(path, filesystem=fs, columns=columns)
+    return pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
+
+
+def iter_parquet(location: str, *, columns: list[str] | None = None,
+                 batch_rows: int = 1 << 20):
+    """The rows of one Parquet file as record batches of up to ``batch_rows`` rows, read as they
+    are consumed: a file of any size in bounded memory."""
+    fs, path = _resolve(location)
+    with pq.ParquetFile(path, filesystem=fs) as file:
+        yield from file.iter_batches(batch_size=batch_rows, columns=columns)
 
 
 def write_npz(location: str, arrays: dict[str, np.ndarray]) -> None:

@@ -127,6 +127,10 @@ def test_epoch_window_is_the_mean_of_its_epochs(run):
     mean, counts = epoch_window(by_epoch, data.sample_ids, 1, None)
     np.testing.assert_allclose(mean, scores * np.mean(EPOCH_FACTORS[1:]), rtol=1e-5)
     assert (counts == 2).all()
+    # streamed in small batches, as a large per-epoch table is read: the same figures
+    streamed = epoch_window(iter(by_epoch.to_batches(max_chunksize=37)), data.sample_ids, 1, None)
+    np.testing.assert_array_equal(streamed[0], mean)
+    np.testing.assert_array_equal(streamed[1], counts)
     assert parse_epochs("2:5") == (2, 5) and parse_epochs(":4") == (0, 4) and parse_epochs("3:") == (3, None)
 
 

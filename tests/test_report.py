@@ -6,6 +6,7 @@ from __future__ import annotations
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -94,3 +95,18 @@ def test_report_is_replaced_whole_and_bad_input_fails(report, capsys, tmp_path):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".report.")]  # no temp folders
+
+
+def test_the_epochs_figure_reads_the_top_samples_and_a_band_sample_only(report):
+    """A run larger than the band sample: only the top samples' and the sampled rows are read."""
+    from raycurv.evaluate import load_run_table, table_columns
+    from raycurv.report import epoch_rows
+
+    run_dir, _ = report
+    folder, table = load_run_table(str(run_dir))
+    cols = table_columns(table)
+    rows = epoch_rows(folder, cols, top=3, band=50)
+    shown = np.unique(rows.column("sample_id").to_numpy())
+    top = cols["sample_id"][np.argsort(-cols["curvature"], kind="stable")[:3]]
+    assert set(top) <= set(shown) and 50 <= len(shown) <= 53
+    assert epoch_rows(folder, cols, band=len(cols["sample_id"])).num_rows == folder.read_by_epoch().num_rows

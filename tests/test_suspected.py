@@ -52,7 +52,7 @@ def test_precision_and_recall_against_the_injected_truth():
     found = suspected_metrics(columns)
     assert found["mislabel"] == {"flagged": 3, "precision": 2 / 3, "recall": 2 / 4}
     assert found["conflicting_duplicate"] == {"flagged": 2, "precision": 1.0, "recall": 1.0}
-    assert found["atypical"] == {"flagged": 2, "precision": 0.5, "recall": None}
+    assert found["atypical"] == {"flagged": 2, "corrupted_share": 0.5}
 
 
 def test_the_duplicate_search_can_be_switched_off():
@@ -64,3 +64,16 @@ def test_the_duplicate_search_can_be_switched_off():
     spec = build_spec(args)
     assert spec.data.duplicate_search is False
     assert conflicting_duplicates(spec, None) == (None, None)  # nothing searched, Ray untouched
+
+
+def test_evaluate_reports_the_suspected_kinds(tmp_path, capsys):
+    from raycurv.cli import main
+    from raycurv.runfolder import RunFolder
+    from tests.test_table import _with_suspected
+
+    table = _with_suspected()
+    RunFolder(str(tmp_path)).write_scores(table)
+    assert main(["evaluate", str(tmp_path), "--no-duplicates"]) == 0
+    out = capsys.readouterr().out
+    flagged = table.column("suspected").to_pylist().count("mislabel")
+    assert f"  mislabel{'':<30}{flagged:>8}" in out and "conflicting_duplicate" in out
