@@ -76,8 +76,8 @@ def fit(spec: ScoreSpec, data: TrainData, *, width: int | None = None, on_epoch=
         generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch * 1_009)
         batches = epoch_data(data, world=1, rank=0, batch_size=t.batch_size, seed=spec.seed,
                              epoch=epoch)
-        records, correct = _train_epoch(model, opt, data, batches, device="cpu",
-                                        generator=generator, pad=pad)
+        records, _, correct = _train_epoch(model, opt, data, batches, device="cpu",
+                                           generator=generator, pad=pad)
         sched.step()
         for name, row in zip(TRAINING_RECORDS, records, strict=True):
             training[name][epoch] = row

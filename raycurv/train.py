@@ -80,14 +80,13 @@ def _all_reduce(array: np.ndarray) -> np.ndarray:
     return tensor.numpy()
 
 
-def _per_sample_mean(sums: np.ndarray) -> np.ndarray:
-    """(records + 1, N) sums and count, all workers' -> (records, N): each record's mean over the
-    times the sample was trained this epoch (a streamed dataset padded to equal worker shares
+def _per_sample_mean(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Every worker's (records, N) sums and (N,) counts -> (records, N): each record's mean over
+    the times the sample was trained this epoch (a streamed dataset padded to equal worker shares
     trains a few samples twice; everything else once, and its value is kept as it is)."""
-    records, count = sums[:-1], sums[-1]
-    again = count > 1
-    records[:, again] /= count[again]
-    return records
+    again = counts > 1
+    sums[:, again] /= counts[again]
+    return sums
 
 
 def _maybe_fault(config: dict[str, Any], epoch: int, rank: int) -> None:
@@ -142,11 +141,12 @@ def epoch_data(data: TrainData, *, world: int, rank: int, batch_size: int, seed:
 
 
 def _train_epoch(model, opt, data: TrainData, batches, *, device, generator, pad):
-    """One pass over this worker's batches; returns the per-position training records
-    (len(TRAINING_RECORDS) + 1, N) float64: the sums of loss, logit margin and probability margin
-    over the times this worker trained the sample (0 at positions other workers trained), then
-    that count; and #correct."""
-    records = np.zeros((len(TRAINING_RECORDS) + 1, len(data.labels)), dtype=np.float64)
+    """One pass over this worker's batches. Returns the per-position training records
+    (len(TRAINING_RECORDS), N) float64 (loss, logit margin, probability margin), summed over the
+    times this worker trained the sample (0 at positions other workers trained), that count (N,),
+    and #correct."""
+    records = np.zeros((len(TRAINING_RECORDS), len(data.labels)), dtype=np.float64)
+    counts = np.zeros(len(data.labels), dtype=np.float64)
     correct = 0
     model.train()
     for positions, images, labels in batches:
@@ -159,11 +159,11 @@ def _train_epoch(model, opt, data: TrainData, batches, *, device, generator, pad
         opt.zero_grad(set_to_none=True)
         per_sample.mean().backward()
         opt.step()
-        values = torch.stack([per_sample.detach(), *training_margins(logits, y),
-                              torch.ones_like(per_sample)]).cpu().numpy()
+        values = torch.stack([per_sample.detach(), *training_margins(logits, y)]).cpu().numpy()
         np.add.at(records, (slice(None), positions), values)  # a position twice in a batch: both
+        np.add.at(counts, positions, 1.0)
         correct += int((logits.argmax(1) == y).sum())
-    return records, correct
+    return records, counts, correct
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -199,10 +199,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch * 1_009 + rank)
         batches = epoch_data(data, world=world, rank=rank, batch_size=t.batch_size,
                              seed=spec.seed, epoch=epoch)
-        records, correct = _train_epoch(model, opt, data, batches, device=device,
-                                        generator=generator, pad=pad)
+        records, counts, correct = _train_epoch(model, opt, data, batches, device=device,
+                                                generator=generator, pad=pad)
         sched.step()
-        records = _per_sample_mean(_all_reduce(records))
+        records = _per_sample_mean(_all_reduce(records), _all_reduce(counts))
         losses = records[0]
         correct = int(_all_reduce(np.array([correct], dtype=np.int64))[0])
         train_seconds = time.perf_counter() - tic

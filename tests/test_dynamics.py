@@ -56,9 +56,9 @@ def test_the_training_pass_records_loss_and_margins_of_the_same_logits():
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     payload = TrainData.of(data)
     batches = epoch_data(payload, world=1, rank=0, batch_size=32, seed=0, epoch=0)
-    records, correct = _train_epoch(model, opt, payload, batches, device="cpu",
-                                    generator=torch.Generator().manual_seed(0),
-                                    pad=crop_padding(8))
+    records, _, correct = _train_epoch(model, opt, payload, batches, device="cpu",
+                                       generator=torch.Generator().manual_seed(0),
+                                       pad=crop_padding(8))
     assert records.shape == (len(TRAINING_RECORDS), 200)
     loss, margin, prob_margin = records
     assert (loss > 0).all() and 0 < correct < 200
