@@ -9,7 +9,9 @@ peak of private memory (RSS counts the pages of Ray's shared-memory object store
 reads; private memory does not), and the training and end-to-end throughput. The end-of-run
 duplicate search is off here: bench/neardup.py measures it. At the smallest N it also trains the
 same data held in memory (the path of the built-in datasets) and the streamed prepared dataset side
-by side, training only, and reports the throughput ratio. The last line is a JSON object.
+by side, training only, with the default model, and reports the throughput ratio. The scaled runs
+train and score ``--model`` (default: a tiny one, so that the data plane is what is measured).
+The synthetic dataset is written by a child process. The last line is a JSON object.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from raycurv.config import ScoreSpec
+from raycurv.config import ScoreSpec, TrainSpec
 
 GB = 1024**3
 
@@ -116,7 +118,16 @@ class PeakRss:
         return title, rss / GB
 
 
-def one_size(n: int, files: int, epochs: int, compare: bool) -> dict:
+def tiny_cnn(in_channels: int, num_classes: int):
+    """A tiny model (``--model bench.scale:tiny_cnn``): one strided convolution, pooled, and a
+    linear layer, so that a 500,000-image run measures the data plane rather than the model."""
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+
+def one_size(n: int, files: int, epochs: int, compare: bool, model: str) -> dict:
     """In this (fresh) process: write, score, measure. Returns the figures."""
     import ray
 
@@ -127,31 +138,36 @@ def one_size(n: int, files: int, epochs: int, compare: bool) -> dict:
 
     work = tempfile.mkdtemp(prefix="raycurv-scale-")
     try:
-        write_dataset(f"{work}/src", n, files)
+        # in a child process: a user's driver never holds the images it would take to write them
+        subprocess.run([sys.executable, "-c", "import sys; from bench.scale import write_dataset; "
+                        "write_dataset(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))",
+                        f"{work}/src", str(n), str(files)], check=True)
         spec = ScoreSpec.model_validate({
             # the end-of-run duplicate search is measured on its own: bench/neardup.py
             "run_dir": f"{work}/run", "data": {"dataset": "parquet", "data_root": f"{work}/src",
                                                "duplicate_search": False},
-            "train": {"epochs": epochs, "batch_size": 256},
+            "train": {"epochs": epochs, "batch_size": 256, "model": model},
             "curvature": {"batch_size": 512, "actors": 2, "actor_cpus": 0.5}})
         ray.init(num_cpus=3, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
         with PeakRss() as workers:
             started = time.perf_counter()
             result = score_run(spec)
             run_s = time.perf_counter() - started
-        # the high-water mark of writing, training and scoring (before the comparison below)
-        out = {"n": n, "run_s": run_s, "driver_peak_rss_gb": resource.getrusage(
+        # the high-water mark of preparing, training and scoring (before the comparison below)
+        out = {"n": n, "run_s": run_s, "model": model, "driver_peak_rss_gb": resource.getrusage(
             resource.RUSAGE_SELF).ru_maxrss / 1024**2,
             "worker_peak_rss_gb": workers.largest()[1], "worker_peak": workers.largest()[0],
             "worker_peak_private_gb": workers.largest(private=True)[1],
             "worker_peak_private": workers.largest(private=True)[0],
             "train_samples_per_s": result.train.get("train_samples_per_s"),
             "scored_samples_per_s": n * epochs / run_s}
-        if compare:  # training only, streamed vs in memory, on the same prepared data
+        if compare:  # training only, streamed vs in memory, on the same prepared data, with the
+            # model a default run trains (the tiny one would measure the data plane alone)
             data = materialize(prepare_dataset(spec.data, seed=0), RunFolder(spec.run_dir).data, seed=0)
             in_memory = dataclasses.replace(data, images=data.load_images(), store=None)
-            streamed_spec = spec.model_copy(update={"run_dir": f"{work}/streamed"})
-            memory_spec = spec.model_copy(update={"run_dir": f"{work}/memory"})
+            default = spec.train.model_copy(update={"model": TrainSpec().model})
+            streamed_spec = spec.model_copy(update={"run_dir": f"{work}/streamed", "train": default})
+            memory_spec = spec.model_copy(update={"run_dir": f"{work}/memory", "train": default})
             rates = {}
             for name, run_spec, prepared in (("streamed", streamed_spec, data),
                                              ("in_memory", memory_spec, in_memory)):
@@ -168,17 +184,19 @@ def main() -> None:
     parser.add_argument("--sizes", default="50000,500000")
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--model", default="bench.scale:tiny_cnn",
+                        help="the model trained and scored (default: a tiny one)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--compare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_size(args.one, args.files, args.epochs, args.compare)))
+        print(json.dumps(one_size(args.one, args.files, args.epochs, args.compare, args.model)))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     results = {}
     for n in sizes:
         child = subprocess.run([sys.executable, "-m", "bench.scale", "--one", str(n), "--files",
-                                str(args.files), "--epochs", str(args.epochs),
+                                str(args.files), "--epochs", str(args.epochs), "--model", args.model,
                                 *(["--compare"] if n == sizes[0] else [])],
                                capture_output=True, text=True)
         if child.returncode:
