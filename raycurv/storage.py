@@ -122,10 +122,10 @@ class FileStamp:
 
 
 def write_parquet(location: str, table: pa.Table) -> None:
-    """Write ``table`` as one Parquet file, atomically (see write_bytes)."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    write_bytes(location, sink.getvalue().to_pybytes())
+    """Write ``table`` as one Parquet file, atomically (see parquet_writer): encoded as it is
+    written, never held whole as bytes."""
+    with parquet_writer(location, table.schema) as writer:
+        writer.write_table(table)
 
 
 @contextlib.contextmanager

@@ -97,27 +97,37 @@ def build_table(columns: dict[str, Any], metadata: dict[str, Any]) -> pa.Table:
     (or absent), ``aum`` and ``margin`` where NaN (or absent), ``suspected`` where None (or
     absent)."""
     n = len(columns["sample_id"])
-    order = np.argsort(np.asarray(columns["sample_id"]), kind="stable")
-    data = {name: np.asarray(columns[name])[order] for name in columns}
-    data["rank"], data["percentile"] = rank_and_percentile(data["curvature"])
+    ids = np.asarray(columns["sample_id"])
+    # columns arrive in sample_id order from a run: no reordered copy then
+    order = None if n < 2 or np.all(ids[1:] > ids[:-1]) else np.argsort(ids, kind="stable")
+
+    def column(name: str, default: Any, dtype) -> np.ndarray:
+        """One column in sample_id order, as ``dtype`` (no copy where it already is)."""
+        values = np.asarray(columns[name], dtype=dtype) if name in columns else default
+        return values if order is None or name not in columns else values[order]
+
+    rank, percentile = rank_and_percentile(column("curvature", None, np.float64))
+    derived = {"rank": rank, "percentile": percentile}
     minor = max((m for m, added in MINOR_FIELDS.items() if any(f.name in columns for f in added)),
                 default=0)
     fields = pa.schema(V1_FIELDS + [f for m in sorted(MINOR_FIELDS) if m <= minor
                                     for f in MINOR_FIELDS[m]])
     arrays = []
-    for field in fields:
+    for field in fields:  # pa.array wraps a numpy array of its own type without copying it
         dtype = field.type.to_pandas_dtype()
-        if field.name in STRING_COLUMNS:
-            values = data.get(field.name, np.full(n, None, dtype=object))
-            arrays.append(pa.array(list(values), type=field.type))
+        if field.name in derived:
+            arrays.append(pa.array(derived[field.name].astype(dtype, copy=False)))
+        elif field.name in STRING_COLUMNS:
+            arrays.append(pa.array(column(field.name, np.full(n, None, dtype=object), object),
+                                   type=field.type))
         elif field.name in NULLABLE_INT_COLUMNS:
-            values = np.asarray(data.get(field.name, np.full(n, -1)), dtype=np.int64)
-            arrays.append(pa.array(values.astype(dtype), type=field.type, mask=values < 0))
+            values = column(field.name, np.full(n, -1), np.int64)
+            arrays.append(pa.array(values.astype(dtype, copy=False), type=field.type, mask=values < 0))
         elif field.nullable:
-            values = np.asarray(data.get(field.name, np.full(n, np.nan)), dtype=dtype)
+            values = column(field.name, np.full(n, np.nan, dtype=dtype), dtype)
             arrays.append(pa.array(values, type=field.type, mask=np.isnan(values)))
         else:
-            arrays.append(pa.array(np.asarray(data[field.name]).astype(dtype)))
+            arrays.append(pa.array(column(field.name, None, dtype)))
     meta = {**metadata, "table_version": TABLE_VERSION, "table_minor_version": minor}
     schema = fields.with_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
     return pa.Table.from_arrays(arrays, schema=schema)

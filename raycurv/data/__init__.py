@@ -75,7 +75,9 @@ class Prepared:
     @property
     def paths(self) -> list[str] | None:
         """The source file (or Parquet row, or path column) of each sample, where there is one."""
-        return self.refs.column("path").to_pylist() if self.refs is not None else None
+        if self.refs is not None:
+            return plane.ref_paths(self.refs).to_pylist()
+        return None if self.store is None else list(self.store.read_rows(0, len(self), columns=("path",))["path"])
 
     def image_at(self, position: int) -> np.ndarray:
         """One image (C, H, W), reading only its part of a prepared dataset."""
@@ -248,9 +250,11 @@ def materialize(data: Prepared, location: str, *, seed: int) -> Prepared:
 
 
 def attach_store(data: Prepared, store: plane.Store) -> Prepared:
-    """``data`` reading its images from ``store`` (normalized by the store's statistics)."""
+    """``data`` reading its images from ``store`` (normalized by the store's statistics). The
+    listing (``refs``) is dropped: the store holds each sample's path, and the driver keeps N
+    rows less."""
     if len(store) != len(data):
         raise UsageError(f"the prepared dataset at {store.location} holds {len(store)} samples, "
                          f"the run {len(data)}")
-    return dataclasses.replace(data, store=store,
+    return dataclasses.replace(data, store=store, refs=None,
                                norm=Normalization(scale=255.0, mean=store.mean, std=store.std))
