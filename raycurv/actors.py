@@ -27,7 +27,7 @@ from raycurv.data.sharding import actor_shards, scoring_batches
 from raycurv.data.transforms import to_input
 from raycurv.dynamics import CO_SCORES, TRAINING_RECORDS, co_scores
 from raycurv.metrics import record_scoring
-from raycurv.models import build_model
+from raycurv.models import ModelChoice, build_model
 from raycurv.runfolder import RunFolder, legacy_shard_state, shard_epoch_file, shard_epoch_files
 from raycurv.scoring_model import ScoringModel, prepare_for_scoring
 
@@ -40,7 +40,7 @@ class ShardSpec:
     start: int  # first position (inclusive) in the prepared dataset
     stop: int  # last position (exclusive)
     epochs: int
-    model: str
+    model: ModelChoice  # a name, or a packed nn.Module instance (raycurv.models)
     in_channels: int
     num_classes: int
     norm: Normalization

@@ -10,7 +10,6 @@ samples with lower curvature, in [0, 1].
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from raycurv.detection import evaluate_table
 from raycurv.errors import UsageError, validation_line
 from raycurv.evaluate import evaluate_run, load_run_table
 from raycurv.export import DEFAULT_THRESHOLD, FORMATS, write_export
+from raycurv.model_instance import ModelInstance
 from raycurv.runfolder import RunFolder
 from raycurv.serve import client
 from raycurv.table import read_metadata
@@ -89,19 +89,31 @@ def _check_location(name: str, value: Any) -> str:
     return str(value)
 
 
-def model_name(model: str | Callable[..., Any]) -> str:
-    """A model as the spec names it: a registered name or ``package.module:factory`` as given;
-    a factory callable by its import path, which every training worker and actor imports (a
-    factory defined in a notebook or script is not importable there: put it in a module)."""
-    if isinstance(model, str):
+def model_option(model: Any) -> str | ModelInstance:
+    """A model as the spec holds it: a registered name or ``package.module:factory`` as given; a
+    factory callable by its import path, which every training worker and actor imports (a factory
+    defined in a notebook or script is not importable there: put it in a module); an
+    ``nn.Module`` instance packed, to travel by value (raycurv.models.pack_instance). Raises
+    UsageError (one line)."""
+    if isinstance(model, str | ModelInstance):
         return model
+    from torch import nn  # a model that is no name: torch is loaded to tell a module from a factory
+
+    from raycurv.models import pack_instance
+
+    if isinstance(model, nn.Module):
+        try:
+            return pack_instance(model)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if not callable(model):
-        raise UsageError(f"model must be a name, 'package.module:factory' or a factory callable, "
-                         f"got {type(model).__name__}")
+        raise UsageError(f"model must be a name, 'package.module:factory', a factory callable or "
+                         f"an nn.Module instance, got {type(model).__name__}")
     module, qualname = getattr(model, "__module__", None), getattr(model, "__qualname__", "")
     if not module or module == "__main__" or "<" in qualname:
         raise UsageError(f"model factory {qualname or model!r} is defined in {module or 'no module'}: "
-                         "define it in an importable module, so that Ray's workers can import it")
+                         "define it in an importable module, so that Ray's workers can import it, "
+                         "or pass an nn.Module instance")
     return f"{module}:{qualname}"
 
 
@@ -137,10 +149,12 @@ def build_spec(spec: ScoreSpec | dict[str, Any] | None = None, **options: Any) -
     if spec is not None and not isinstance(spec, ScoreSpec | dict):
         raise UsageError(f"spec must be a ScoreSpec or a dict, got {type(spec).__name__}")
     base = spec.model_dump() if isinstance(spec, ScoreSpec) else dict(spec or {})
-    if "model" in options:
-        options["model"] = model_name(options["model"])
+    merged = merge(base, _nested_options(options))
+    train = merged.get("train")
+    if isinstance(train, dict) and "model" in train:  # model=..., train={"model": ...} or spec's
+        merged["train"] = {**train, "model": model_option(train["model"])}
     try:
-        return ScoreSpec.model_validate(merge(base, _nested_options(options)))
+        return ScoreSpec.model_validate(merged)
     except ValidationError as exc:
         raise UsageError(validation_line(exc)) from None
 
@@ -162,19 +176,24 @@ def score(spec: ScoreSpec | dict[str, Any] | None = None, *, address: str | None
     **options
         Spec fields by name, as the command line's flags: ``dataset``, ``data_root``, ``limit``,
         ``noise`` (share of labels flipped, in [0, 1)), ``duplicates``, ``model`` (a registered
-        name, ``"package.module:factory"``, or an importable factory callable
-        ``(in_channels, num_classes) -> nn.Module``), ``weights`` (a state dict file to start
-        from), ``epochs``, ``lr``, ``h`` (perturbation size, in normalized input units),
-        ``probes``, ``variant``, ``actors``, ``workers``, ``seed``, ``run_dir`` (a path or a URI;
-        default ``runs/digits``), ... A field two sections share goes in its section's dict:
-        ``train={"batch_size": 128}``, ``curvature={"batch_size": 512}``.
+        name, ``"package.module:factory"``, an importable factory callable
+        ``(in_channels, num_classes) -> nn.Module``, or an ``nn.Module`` instance: its
+        architecture, with its current parameters and buffers as the starting weights; a fresh
+        copy of it goes to every training worker and actor, the instance itself is not changed,
+        and the run record names it ``"instance of package.module.Class"``), ``weights`` (a
+        state dict file to start from, loaded into the model), ``epochs``, ``lr``, ``h``
+        (perturbation size, in normalized input units), ``probes``, ``variant``, ``actors``,
+        ``workers``, ``seed``, ``run_dir`` (a path or a URI; default ``runs/digits``), ... A
+        field two sections share goes in its section's dict: ``train={"batch_size": 128}``,
+        ``curvature={"batch_size": 512}``.
         ``checkpoints``: a folder, glob or file of ``.pt``/``.pth`` state dicts, one per epoch
-        in file-name order, scored with ``model`` (which must match them) instead of training;
-        the epochs are the checkpoints (``epochs`` does not apply). Epoch files with training
-        records (``keep_weights=True`` runs, :class:`raycurv.Recorder`) give exact csl and
-        co-scores; plain state dicts give none (csl 0, co-scores null, and the table's
-        metadata ``"training_records": false``). ``keep_weights``: keep each epoch's weights
-        in ``<run_dir>/epochs/`` (a placement setting: the scores do not change).
+        in file-name order, scored with ``model`` (a name or an instance, which must match
+        them) instead of training; the epochs are the checkpoints (``epochs`` does not apply).
+        Epoch files with training records (``keep_weights=True`` runs,
+        :class:`raycurv.Recorder`) give exact csl and co-scores; plain state dicts give none
+        (csl 0, co-scores null, and the table's metadata ``"training_records": false``).
+        ``keep_weights``: keep each epoch's weights in ``<run_dir>/epochs/`` (a placement
+        setting: the scores do not change).
 
     Returns
     -------

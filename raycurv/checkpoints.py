@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from raycurv import storage
 from raycurv.dynamics import TRAINING_RECORDS, training_margins
 from raycurv.errors import UsageError
-from raycurv.models import build_model
+from raycurv.models import ModelChoice, build_model
 from raycurv.runfolder import EPOCH_FILE, epoch_file
 
 if TYPE_CHECKING:  # Ray: only to score
@@ -80,8 +80,9 @@ def find_checkpoints(pattern: str) -> list[str]:
     return _order(_list_checkpoints(pattern), pattern)
 
 
-def check_series(locations: list[str], *, pattern: str, model: str, input_shape: tuple[int, ...],
-                 num_classes: int, sample_ids: np.ndarray, labels: np.ndarray) -> Series:
+def check_series(locations: list[str], *, pattern: str, model: ModelChoice,
+                 input_shape: tuple[int, ...], num_classes: int, sample_ids: np.ndarray,
+                 labels: np.ndarray) -> Series:
     """Read every checkpoint once and check it against ``model`` (built for ``input_shape``
     (C, H, W) and ``num_classes``): the same parameter and buffer names, each of the same shape;
     and check an epoch file's training records against the dataset (``sample_ids``, ``labels``,
@@ -91,7 +92,7 @@ def check_series(locations: list[str], *, pattern: str, model: str, input_shape:
     with_records = 0
     for location in locations:
         weights, saved = read_checkpoint(location)
-        _check_shapes(weights, expected, location=location, model=model)
+        _check_shapes(weights, expected, location=location, model=str(model))
         if saved is not None:
             training_records(saved, sample_ids=sample_ids, labels=labels, location=location)
             with_records += 1

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from raycurv.errors import UsageError
+from raycurv.model_instance import ModelInstance
 from raycurv.storage import is_uri
 
 NoiseKind = Literal["symmetric", "pairwise"]
@@ -59,7 +60,9 @@ class DataSpec(_Spec):
 class TrainSpec(_Spec):
     """SGD with momentum and weight decay; a cosine, step or constant learning-rate schedule."""
 
-    model: str = "small_cnn"  # a registered name or package.module:factory (raycurv.models)
+    # a registered name or package.module:factory (raycurv.models), or from Python a packed
+    # nn.Module instance (JSON: its name)
+    model: str | ModelInstance = "small_cnn"
     weights: str | None = None  # a state dict file to start from (local path or URI)
     epochs: int = Field(default=12, ge=1)
     batch_size: int = Field(default=64, ge=1)

@@ -2,20 +2,30 @@
 
 A model is named by a registered name (``MODELS``) or by a factory of the user's own,
 ``package.module:factory``: a callable ``(in_channels, num_classes) -> nn.Module``, imported in
-every process that builds the model (the driver, each training worker and curvature actor).
-Weights to start from are a state dict file, read with ``torch.load(weights_only=True)``.
+every process that builds the model (the driver, each training worker and curvature actor); or,
+from Python, it is an ``nn.Module`` instance, packed once (``pack_instance``) into a
+ModelInstance that the spec carries to those processes by value. ``resolve_model`` turns any of
+them into the factory that builds the model. Weights to start from are a state dict file, read
+with ``torch.load(weights_only=True)``; an instance's own parameters are its starting weights.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import io
+import pickle
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from raycurv import storage
+from raycurv.model_instance import INSTANCE_PREFIX, ModelInstance, is_instance_name
+
+# What a spec's ``train.model`` holds: a registered name, ``package.module:factory``, or a packed
+# nn.Module instance.
+ModelChoice = str | ModelInstance
 
 
 class SmallCNN(nn.Module):
@@ -153,43 +163,85 @@ def load_weights(location: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def resolve_model(name: str) -> Callable[[int, int], nn.Module]:
-    """The factory of ``name``: a registered model or an imported ``package.module:factory``.
-    Raises ValueError (one line) for an unknown name or a factory that does not import."""
-    if is_factory_path(name):
-        return import_factory(name)
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}, "
+def _reason(exc: BaseException) -> str:
+    """An exception as one line: its type and its message's first line."""
+    message = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
+
+
+def _on_cpu(module: nn.Module) -> nn.Module:
+    """``module`` if all its tensors are on the CPU, else a copy moved there (``module`` stays)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return module if all(t.device.type == "cpu" for t in tensors) else copy.deepcopy(module).cpu()
+
+
+def pack_instance(module: nn.Module) -> ModelInstance:
+    """Pack an ``nn.Module`` instance for every process that builds the model: the module (a
+    copy moved to the CPU where it is elsewhere; ``module`` itself is left as it is), pickled with
+    cloudpickle and checked to unpickle. Its parameters and buffers are the starting weights.
+    Raises ValueError (one line) when it is no nn.Module or does not pickle (it holds a lock, a
+    file open for writing)."""
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module instance, got {type(module).__name__}")
+    from ray import cloudpickle  # pickles classes of a notebook or script by value
+
+    name = f"{INSTANCE_PREFIX}{type(module).__module__}.{type(module).__qualname__}"
+    try:
+        pickled = cloudpickle.dumps(_on_cpu(module))
+        pickle.loads(pickled)
+    except Exception as exc:  # TypeError, PicklingError, or whatever the module's own code raises
+        raise ValueError(f"model {name!r} cannot be pickled for Ray's training workers and "
+                         f"curvature actors: {_reason(exc)}") from None
+    return ModelInstance(name=name, pickled=pickled)
+
+
+def resolve_model(model: ModelChoice) -> Callable[[int, int], nn.Module]:
+    """The factory of ``model``: a registered model, an imported ``package.module:factory``, or a
+    packed instance (which builds a fresh copy of itself). Raises ValueError (one line) for an
+    unknown name, a factory that does not import, or an instance's name without the instance."""
+    if isinstance(model, ModelInstance):
+        return model
+    if is_instance_name(model):
+        raise ValueError(f"model {model!r} was an nn.Module instance given to raycurv.score(): "
+                         "only the instance itself builds it; give it again, or a registered "
+                         "name or package.module:factory")
+    if is_factory_path(model):
+        return import_factory(model)
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; valid: {', '.join(MODELS)}, "
                          "or package.module:factory")
-    return MODELS[name]
+    return MODELS[model]
 
 
-def build_model(name: str, *, in_channels: int, num_classes: int,
+def build_model(model: ModelChoice, *, in_channels: int, num_classes: int,
                 weights: str | None = None) -> nn.Module:
-    """Build a registered model or a user's ``package.module:factory`` model, with ``weights``
-    (a state dict file) loaded when given. Raises ValueError (one line) for an unknown name, a
-    factory that does not import or returns no nn.Module, or weights that do not fit the model."""
-    model = resolve_model(name)(in_channels, num_classes)
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    """Build a registered model, a user's ``package.module:factory`` model or a fresh copy of a
+    packed instance, with ``weights`` (a state dict file) loaded when given. Raises ValueError
+    (one line) for an unknown name, a factory that does not import or returns no nn.Module, or
+    weights that do not fit the model."""
+    name = str(model)
+    built = resolve_model(model)(in_channels, num_classes)
+    if not isinstance(built, nn.Module):
+        raise ValueError(f"model {name!r} returned {type(built).__name__}, not a torch.nn.Module")
     if weights is not None:
         try:
-            model.load_state_dict(load_weights(weights))
+            built.load_state_dict(load_weights(weights))
         except RuntimeError as exc:
             raise ValueError(f"weights file {weights} does not match model {name!r}: "
                              f"{' '.join(str(exc).split())[:300]}") from None
-    return model
+    return built
 
 
-def check_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
+def check_model(model: ModelChoice, *, input_shape: tuple[int, ...], num_classes: int,
                 weights: str | None = None) -> None:
     """Build the model once and run a batch of two zero inputs of ``input_shape`` (C, H, W)
     through it: the logits must be (2, num_classes). Raises ValueError (one line) otherwise."""
-    model = build_model(name, in_channels=input_shape[0], num_classes=num_classes, weights=weights)
-    model.eval()
+    name = str(model)
+    built = build_model(model, in_channels=input_shape[0], num_classes=num_classes, weights=weights)
+    built.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros((2, *input_shape)))
+            out = built(torch.zeros((2, *input_shape)))
     except Exception as exc:  # shape errors from inside the user's model
         raise ValueError(f"model {name!r} fails on inputs of shape {tuple(input_shape)}: "
                          f"{' '.join(str(exc).split())[:300]}") from None

@@ -167,9 +167,10 @@ def _train_epoch(model, opt, data: TrainData, batches, *, device, generator, pad
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. config: ``spec`` (ScoreSpec as dict), ``data`` (a TrainData, or an
-    object ref to one), ``pool`` (a CurvaturePool, or None to train only), ``verbose`` (False:
-    this worker logs WARNING and above only)."""
+    """Ray Train entry point. config: ``spec`` (ScoreSpec as a Python dump, in which a model
+    instance stays one: raycurv.model_instance), ``data`` (a TrainData, or an object ref to one),
+    ``pool`` (a CurvaturePool, or None to train only), ``verbose`` (False: this worker logs
+    WARNING and above only)."""
     spec = ScoreSpec.model_validate(config["spec"])
     if not config.get("verbose", True):  # Ray Train's per-report INFO lines log to the root logger
         logging.getLogger().setLevel(logging.WARNING)
@@ -319,7 +320,7 @@ def fit(spec: ScoreSpec, data: Prepared, pool, *, extra_config: dict[str, Any] |
         datasets = {"train": data.store.dataset(multiple_of=t.workers)}
     trainer = TorchTrainer(
         train_loop_per_worker, datasets=datasets,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "data": ray.put(TrainData.of(data)),
+        train_loop_config={"spec": spec.model_dump(), "data": ray.put(TrainData.of(data)),
                            "pool": pool, "verbose": verbose, **(extra_config or {})},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.gpus_per_worker > 0,
                                      resources_per_worker=resources),

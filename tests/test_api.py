@@ -1,5 +1,5 @@
 """The Python API: raycurv.score / load_run / evaluate / lookup, and the README's example run as
-written (extracted from the README)."""
+written (extracted from the README), with a torchvision model instance and a factory string."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import raycurv
-from raycurv.api import build_spec, model_name
+from raycurv.api import build_spec, model_option
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,10 +31,10 @@ def test_the_api_is_listed():
 
 def test_options_become_a_spec():
     spec = build_spec({"seed": 3, "data": {"limit": 50}}, noise=0.2, epochs=2, h=0.01,
-                      curvature={"batch_size": 32}, model=model_name)
+                      curvature={"batch_size": 32}, model=model_option)
     assert (spec.seed, spec.data.limit, spec.data.noise) == (3, 50, 0.2)
     assert (spec.train.epochs, spec.curvature.h, spec.curvature.batch_size) == (2, 0.01, 32)
-    assert spec.train.model == "raycurv.api:model_name"
+    assert spec.train.model == "raycurv.api:model_option"
 
 
 @pytest.mark.parametrize(("call", "message"), [
@@ -73,13 +73,18 @@ def test_the_readme_example_runs_as_written(ray_cluster, tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)  # the example's relative run_dir lands here
     namespace: dict = {}
     exec(compile(readme_example(), "README.md", "exec"), namespace)
-    run = namespace["run"]
+    run, small = namespace["run"], namespace["small"]  # a torchvision instance, a factory string
+    instance = "instance of torchvision.models.resnet.ResNet"
     assert isinstance(run, raycurv.Run) and run.location == str(tmp_path / "runs" / "api-demo")
-    assert run.table.num_rows == 300 and run.metadata["model"] == "raycurv.models:SmallCNN"
+    assert run.table.num_rows == 300 and run.metadata["model"] == instance
+    assert small.location == str(tmp_path / "runs" / "api-small")
+    assert small.table.num_rows == 300 and small.metadata["model"] == "raycurv.models:SmallCNN"
+    assert small.table.column("sample_id").equals(run.table.column("sample_id"))
     assert namespace["metrics"]["detection"]["corrupted"]
     top = namespace["top"]["rows"]
     assert [r["rank"] for r in top] == [1, 2, 3]
     assert top[0]["curvature"] == pytest.approx(float(run.table.column("curvature").to_numpy().max()))
-    assert "mislabel AUROC" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mislabel AUROC" in out and f"{instance} | raycurv.models:SmallCNN" in out
     issues = pd.read_csv(namespace["issues"], index_col="sample_id")
     assert len(issues) == 300 and issues["is_label_issue"].dtype == bool
