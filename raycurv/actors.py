@@ -212,31 +212,41 @@ class ShardScorer:
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class CurvatureActor:
-    """A ShardScorer in its own process; restarts reload the shard's state from storage."""
+    """A ShardScorer in its own process; restarts reload the shard's state from storage.
 
-    def __init__(self, spec: ShardSpec, shard: dict[str, Any], run: str):
-        """``shard``: the shard's arrays (images, labels, sample_ids), or ``store``, a prepared
-        dataset (raycurv.data.plane.Store) whose rows of this shard are streamed, batch by batch."""
-        self.run = run
-        if "store" in shard:
-            store = shard["store"]
-            ids = store.read_rows(spec.start, spec.stop, columns=("sample_id", "label"))
-            shard = {"images": StoreImages(store, spec.start, spec.stop), "labels": ids["label"],
-                     "sample_ids": ids["sample_id"]}
-        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.scorer = ShardScorer(spec, shard["images"], shard["labels"], shard["sample_ids"],
-                                  device=device)
+    The shard's data comes with every call, as ``[ref]`` (a nested ref, fetched on first use
+    only), not as a constructor argument: Ray cannot keep a restartable actor's constructor
+    arguments alive (ray-project/ray#53727), while a retried call brings its ref along."""
 
-    def score_epoch(self, epoch: int, weights: dict, training: dict[str, np.ndarray]) -> dict[str, Any]:
-        stats = self.scorer.score_epoch(epoch, weights, training)
+    def __init__(self, spec: ShardSpec, run: str):
+        self.spec, self.run, self.scorer = spec, run, None
+
+    def _scorer(self, shard: list[ray.ObjectRef]) -> ShardScorer:
+        """``shard``: [ref] to the shard's arrays (images, labels, sample_ids), or to ``store``, a
+        prepared dataset (raycurv.data.plane.Store) whose rows of this shard are streamed."""
+        if self.scorer is None:
+            spec, data = self.spec, ray.get(shard[0])
+            if "store" in data:
+                store = data["store"]
+                ids = store.read_rows(spec.start, spec.stop, columns=("sample_id", "label"))
+                data = {"images": StoreImages(store, spec.start, spec.stop), "labels": ids["label"],
+                        "sample_ids": ids["sample_id"]}
+            device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+            self.scorer = ShardScorer(spec, data["images"], data["labels"], data["sample_ids"],
+                                      device=device)
+        return self.scorer
+
+    def score_epoch(self, shard: list[ray.ObjectRef], epoch: int, weights: dict,
+                    training: dict[str, np.ndarray]) -> dict[str, Any]:
+        stats = self._scorer(shard).score_epoch(epoch, weights, training)
         record_scoring(self.run, stats["shard"], stats["samples"], stats["seconds"])
         return stats
 
-    def scored_epochs(self) -> list[int]:
-        return self.scorer.scored_epochs
+    def scored_epochs(self, shard: list[ray.ObjectRef]) -> list[int]:
+        return self._scorer(shard).scored_epochs
 
-    def summary(self) -> dict[str, Any]:
-        return self.scorer.summary()
+    def summary(self, shard: list[ray.ObjectRef]) -> dict[str, Any]:
+        return self._scorer(shard).summary()
 
     def pid(self) -> int:
         return os.getpid()
@@ -248,7 +258,7 @@ class CurvaturePool:
 
     actors: list[Any]
     max_lag: int
-    # the shards' object refs: held so that a restarted actor can fetch its constructor arguments
+    # the shards' object refs, one per actor: each call hands the actor [its ref]
     shard_refs: list[Any] = field(default_factory=list)
 
     def submit(self, epoch: int, weights: dict[str, torch.Tensor] | None,
@@ -258,10 +268,12 @@ class CurvaturePool:
         ShardScorer.score_epoch) to every actor; no waiting."""
         weights_ref = None if weights is None else ray.put(weights)
         training_ref = ray.put(training)
-        return [actor.score_epoch.remote(epoch, weights_ref, training_ref) for actor in self.actors]
+        return [actor.score_epoch.remote([shard], epoch, weights_ref, training_ref)
+                for actor, shard in zip(self.actors, self.shard_refs, strict=True)]
 
     def summaries(self) -> list[dict[str, Any]]:
-        return ray.get([actor.summary.remote() for actor in self.actors])
+        return ray.get([actor.summary.remote([shard])
+                        for actor, shard in zip(self.actors, self.shard_refs, strict=True)])
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -297,7 +309,7 @@ def start_pool(spec: ScoreSpec, data: Prepared) -> CurvaturePool:
         refs.append(shard)
         actors.append(CurvatureActor.options(num_cpus=c.actor_cpus, num_gpus=c.actor_gpus,
                                              scheduling_strategy=outside)
-                      .remote(shard_spec, shard, spec.run_name))
+                      .remote(shard_spec, spec.run_name))
     return CurvaturePool(actors=actors, max_lag=c.max_lag, shard_refs=refs)
 
 

@@ -36,6 +36,11 @@ LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Set to a fresh id in the environment of each local cluster raycurv starts; every process of the
 # cluster inherits it (GCS, raylet, agents, workers, HAProxy and whatever they start).
 CLUSTER_MARK_ENV = "RAYCURV_CLUSTER"
+# The GCS port of a cluster Ray starts (ray/_private/node.py). raycurv chooses it, so that the
+# cluster's processes get its address as RAY_ADDRESS: Ray Train's PlacementGroupCleaner looks
+# its cluster up by address, and without one fails with a traceback ("Found multiple active Ray
+# instances") whenever another cluster runs on the machine.
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
 STOP_GRACE_S = 2.0  # SIGTERM, then SIGKILL for what is still running after this long
 
 _watchdogs: list[subprocess.Popen] = []  # held for the process's life: their stdin is the signal
@@ -76,8 +81,22 @@ def start_local_ray(*, num_cpus: int, cleanup: Sequence[str] = ()) -> None:
 
     loopback_node()
     start_watchdog(cleanup)
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, log_to_driver=True)
+    gcs_port = _free_port()
+    os.environ[GCS_PORT_ENV] = str(gcs_port)
+    try:  # its processes are told its address: see the note at GCS_PORT_ENV
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"{LOOPBACK}:{gcs_port}"}})
+    finally:
+        os.environ.pop(GCS_PORT_ENV, None)
     record_cluster_processes()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
 
 
 def loopback_node() -> None:

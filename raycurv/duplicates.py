@@ -148,6 +148,11 @@ def _work_dtype(first: np.ndarray, side: int) -> torch.dtype:
     return torch.uint8 if first.dtype == np.uint8 and max(first.shape[2:]) <= side else torch.float16
 
 
+def _floats(raw: np.ndarray) -> torch.Tensor:
+    """``raw`` as a float32 tensor; a read-only array (the object store's) is copied, not shared."""
+    return torch.from_numpy(np.require(raw, np.float32, ["W"]))
+
+
 def scan(images: Images, scale: float, *, side: int = WORK,
          chunk: int = CHUNK) -> tuple[np.ndarray, torch.Tensor]:
     """One pass over ``images`` (N, C, H, W), ``chunk`` at a time: their pixel hashes (N,) and
@@ -157,14 +162,13 @@ def scan(images: Images, scale: float, *, side: int = WORK,
     first = np.asarray(images[0:1])
     dtype = _work_dtype(first, side)
     divisor = 1.0 if dtype == torch.uint8 else scale
-    shape = _resize(torch.as_tensor(first, dtype=torch.float32), side).shape[1:]
+    shape = _resize(_floats(first), side).shape[1:]
     hashes = np.empty(len(images), dtype=object)
     work = torch.empty((len(images), *shape), dtype=dtype)
     for start in range(0, len(images), chunk):
         raw = np.asarray(images[start:start + chunk])
         hashes[start:start + len(raw)] = pixel_hashes(raw)
-        work[start:start + len(raw)] = _resize(torch.as_tensor(raw, dtype=torch.float32) / divisor,
-                                               side).to(dtype)
+        work[start:start + len(raw)] = _resize(_floats(raw) / divisor, side).to(dtype)
     return hashes, work
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +53,7 @@ from raycurv.config import DataSpec, Schedule
 from raycurv.data import in_memory, prepare_dataset
 from raycurv.data.transforms import to_input
 from raycurv.errors import UsageError
+from raycurv.progress import Steps
 from raycurv.runfolder import RunFolder
 
 REFERENCE_VERSION = 1
@@ -313,7 +315,7 @@ def _task_groups(models: int, per_task: int) -> list[np.ndarray]:
 
 
 def _run_tasks(spec: ReferenceSpec, inputs: np.ndarray, labels: np.ndarray, num_classes: int,
-               progress) -> dict[str, np.ndarray]:
+               progress: Callable[[int, int], None]) -> dict[str, np.ndarray]:
     """Submit one task per group of models and sum their counts as they finish."""
     remote = ray.remote(_task).options(num_cpus=spec.task_cpus, num_gpus=spec.task_gpus,
                                        max_retries=2)
@@ -325,7 +327,7 @@ def _run_tasks(spec: ReferenceSpec, inputs: np.ndarray, labels: np.ndarray, num_
     total = {"n_in": np.zeros(n, np.int64), "correct_in": np.zeros(n, np.int64),
              "correct_out": np.zeros(n, np.int64),
              "acc_in": np.zeros(spec.models), "acc_out": np.zeros(spec.models)}
-    done, started = 0, time.perf_counter()
+    done = 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         part = ray.get(ready[0])
@@ -334,7 +336,7 @@ def _run_tasks(spec: ReferenceSpec, inputs: np.ndarray, labels: np.ndarray, num_
         total["acc_in"][part["model_ids"]] = part["acc_in"]
         total["acc_out"][part["model_ids"]] = part["acc_out"]
         done += len(part["model_ids"])
-        progress(f"{done}/{spec.models} models trained, {time.perf_counter() - started:.0f} s")
+        progress(done, spec.models)
     return total
 
 
@@ -352,14 +354,18 @@ def check_spec(spec: ReferenceSpec):
     return data
 
 
-def estimate(spec: ReferenceSpec, *, address: str | None = None, progress=print) -> ReferenceResult:
-    """Train ``spec.models`` models on Ray, write the reference table to ``spec.out``, return it."""
+def estimate(spec: ReferenceSpec, *, address: str | None = None,
+             progress: Callable[[int, int], None] | None = None) -> ReferenceResult:
+    """Train ``spec.models`` models on Ray, write the reference table to ``spec.out``, return it.
+    ``progress(models done, models)`` after each task; None: a bar on stderr (raycurv.progress)."""
     started = time.perf_counter()
     data = check_spec(spec)
     ensure_ray(address, cpus_needed=spec.task_cpus)
     check_resources(cpus=spec.task_cpus, gpus=spec.task_gpus)
     inputs = to_input(data.images, data.norm).numpy()
-    total = _run_tasks(spec, inputs, data.labels, data.num_classes, progress)
+    with Steps("reference models", spec.models, unit="model") as steps:
+        total = _run_tasks(spec, inputs, data.labels, data.num_classes,
+                           progress or (lambda done, _: steps.step(done=done)))
     seconds = time.perf_counter() - started
     summary = {"models": spec.models, "tasks": len(_task_groups(spec.models, spec.models_per_task)),
                "subset_size": subset_size(len(data), spec.keep),

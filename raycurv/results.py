@@ -19,6 +19,7 @@ from raycurv.cluster import outside_placement_groups
 from raycurv.config import EstimatorSpec, ScoreSpec
 from raycurv.data import Prepared
 from raycurv.data.plane import StoreImages
+from raycurv.progress import phase
 from raycurv.runfolder import RunFolder, shard_epoch_file
 from raycurv.suspected import DEFAULT_THRESHOLD, rule_metadata, suspect
 from raycurv.table import BY_EPOCH_SCHEMA, build_table, rank_and_percentile
@@ -91,7 +92,9 @@ def conflicting_duplicates(spec: ScoreSpec, data: Prepared) -> tuple[np.ndarray 
 
     images = data.images if data.images is not None else StoreImages(data.store, 0, len(data))
     search = ray.remote(num_cpus=1, scheduling_strategy=outside_placement_groups())(_conflicting)
-    return ray.get(search.remote(images, data.labels, data.norm.scale, NEAR_THRESHOLD)), NEAR_THRESHOLD
+    with phase(f"duplicate search ({len(data)} images)"):
+        found = ray.get(search.remote(images, data.labels, data.norm.scale, NEAR_THRESHOLD))
+    return found, NEAR_THRESHOLD
 
 
 def _conflicting(images, labels: np.ndarray, scale: float, threshold: float) -> np.ndarray:

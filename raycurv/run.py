@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -182,11 +183,50 @@ def quiet_ray_logs(*, verbose: bool) -> None:
     logging.getLogger(_TOKEN_LOGGER).setLevel(logging.NOTSET if verbose else logging.ERROR)
 
 
+# Ray Train's controller starts its PreemptionWatcher actor with a constructor argument in the
+# object store, and Ray logs an ERROR about restarting it (ray-project/ray#53727) that says
+# nothing about the run; the controller's log lines are forwarded to the driver.
+_KNOWN_NOTICES = (re.compile(r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' "
+                             r"and ID: '\w+' has constructor arguments in the object store"),)
+_PRINTER = "ray_print_logs"  # the handler that prints forwarded worker lines (ray._private.worker)
+
+
+def _known_notice(line: str) -> bool:
+    return any(notice.search(line) for notice in _KNOWN_NOTICES)
+
+
+class _WithoutKnownNotices:
+    """Prints the forwarded worker lines ``printer`` would print, less the known notices."""
+
+    def __init__(self, printer):
+        self.printer = printer
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        lines = [line for line in data["lines"] if not _known_notice(line)]
+        if lines:
+            self.printer({**data, "lines": lines})
+
+
+def quiet_forwarded_lines(*, verbose: bool) -> None:
+    """After ray.init: unless ``verbose``, the known notices of Ray's own actors (_KNOWN_NOTICES)
+    are dropped from the worker lines Ray forwards to this process's console."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    def swapped(name: str, handler):
+        if name != _PRINTER:
+            return handler
+        printer = getattr(handler, "printer", handler)
+        return printer if verbose else _WithoutKnownNotices(printer)
+
+    dispatcher.handlers = [(name, swapped(name, handler)) for name, handler in dispatcher.handlers]
+
+
 def score_run(spec: ScoreSpec, *, address: str | None = None,
               extra_config: dict[str, Any] | None = None, verbose: bool = False) -> RunResult:
     """Train and score (or, with ``train.checkpoints``, score the saved checkpoints without
     training); write the run folder; return the table and its detection metrics.
-    Unless ``verbose``, Ray's and Ray Train's INFO lines stay off the console (quiet_ray_logs)."""
+    Unless ``verbose``, Ray's and Ray Train's INFO lines stay off the console (quiet_ray_logs,
+    quiet_forwarded_lines)."""
     started = time.perf_counter()
     quiet_ray_logs(verbose=verbose)
     spec, locations = with_checkpoint_epochs(spec)
@@ -199,6 +239,7 @@ def score_run(spec: ScoreSpec, *, address: str | None = None,
         cpus += t.workers * t.cpus_per_worker
         cpus += plane.STREAM_CPUS if data.images is None else 0.0  # Ray Data's read tasks
     ensure_ray(address, cpus_needed=cpus)
+    quiet_forwarded_lines(verbose=verbose)
     gpus = c.actors * c.actor_gpus + (t.workers * t.gpus_per_worker if series is None else 0.0)
     check_resources(cpus=cpus, gpus=gpus)
     folder = RunFolder(spec.run_dir)

@@ -13,7 +13,6 @@ import io
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +38,7 @@ from raycurv.data.transforms import augment, crop_padding, to_input
 from raycurv.dynamics import TRAINING_RECORDS, training_margins
 from raycurv.metrics import record_epoch
 from raycurv.models import build_model
+from raycurv.progress import Relay, Steps
 from raycurv.runfolder import TRAIN_DIR, RunFolder
 
 
@@ -194,6 +194,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scores = functools.partial(spec.curvature.scores_epoch, epochs=t.epochs)  # epoch -> scored?
     pending = _catch_up(pool, folder, start, scores=scores) if pool is not None and rank == 0 else []
     pad = crop_padding(data.shape[1])
+    progress = config.get("progress")  # a raycurv.progress.Relay's queue: the driver shows it
+    if progress is not None and rank == 0:
+        progress.put({"start": start})
     for epoch in range(start, t.epochs):
         _maybe_fault(config, epoch, rank)
         tic = time.perf_counter()
@@ -221,8 +224,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics["scoring_lag"] = len(pending)
             checkpoint = _checkpoint(model, opt, sched, epoch)
             record_epoch(spec.run_name, metrics)
-            # to the process's own stdout: Ray Train's patched print would log it and echo it
-            print(_progress_line(metrics, t.epochs), file=sys.__stdout__, flush=True)
+            if progress is not None:
+                progress.put(metrics)
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:
             shutil.rmtree(checkpoint.path, ignore_errors=True)  # persisted by report
@@ -297,12 +300,21 @@ def _checkpoint(model, opt, sched, epoch: int) -> ray.train.Checkpoint:
     return ray.train.Checkpoint.from_directory(folder)
 
 
-def _progress_line(m: dict[str, Any], epochs: int) -> str:
-    line = (f"epoch {m['epoch'] + 1}/{epochs}  train loss {m['train_loss']:.4f}  "
-            f"acc {m['train_acc']:.4f}  {m['train_samples_per_s']:.0f} samples/s trained")
+def _show(steps: Steps, m: dict[str, Any]) -> None:
+    """What rank 0 reports: ``{"start": epoch}`` once it is ready to train, then each epoch's metrics."""
+    if "start" in m:
+        steps.begin(m["start"])
+    else:
+        steps.step(epoch_note(m), done=m["epoch"] + 1)
+
+
+def epoch_note(m: dict[str, Any]) -> str:
+    """What the progress of an epoch says about it (``metrics`` as the loop reports them)."""
+    note = (f"train loss {m['train_loss']:.4f}  acc {m['train_acc']:.4f}  "
+            f"{m['train_samples_per_s']:.0f} samples/s trained")
     if "scoring_lag" in m:
-        line += f"  scoring lag {m['scoring_lag']} epoch(s)"
-    return line
+        note += f"  scoring lag {m['scoring_lag']} epoch(s)"
+    return note
 
 
 def fit(spec: ScoreSpec, data: Prepared, pool, *, extra_config: dict[str, Any] | None = None,
@@ -310,18 +322,29 @@ def fit(spec: ScoreSpec, data: Prepared, pool, *, extra_config: dict[str, Any] |
     """Run ``train_loop_per_worker`` on a TorchTrainer (``spec.train.workers`` DDP workers,
     checkpoints under the run folder); ``pool`` a CurvaturePool, or None to train only.
     ``extra_config`` reaches the loop (test hooks). Ray Train's own INFO lines (checkpoints,
-    reports, worker group) reach the console only when ``verbose``; the loop's one progress line
-    per epoch always does. Returns Ray Train's Result."""
+    reports, worker group) reach the console only when ``verbose``; rank 0 reports each epoch
+    to this process, which shows it (raycurv.progress: a bar on a terminal, else one line per
+    epoch). Returns Ray Train's Result."""
     t = spec.train
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})}
     datasets = None
     if data.store is not None:  # streamed: Ray Train splits it among the workers
         DataContext.get_current().execution_options.preserve_order = True  # same order every run
         datasets = {"train": data.store.dataset(multiple_of=t.workers)}
-    trainer = TorchTrainer(
+    steps = Steps("epoch", t.epochs, unit="epoch")
+    with steps, Relay(functools.partial(_show, steps)) as relay:
+        return _trainer(spec, data, pool, datasets, relay.queue, extra_config=extra_config,
+                        verbose=verbose).fit()
+
+
+def _trainer(spec: ScoreSpec, data: Prepared, pool, datasets, progress, *,
+             extra_config: dict[str, Any] | None, verbose: bool) -> TorchTrainer:
+    t = spec.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})}
+    return TorchTrainer(
         train_loop_per_worker, datasets=datasets,
         train_loop_config={"spec": spec.model_dump(), "data": ray.put(TrainData.of(data)),
-                           "pool": pool, "verbose": verbose, **(extra_config or {})},
+                           "pool": pool, "verbose": verbose, "progress": progress,
+                           **(extra_config or {})},
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=TRAIN_DIR, storage_path=RunFolder(spec.run_dir).train_storage(),
@@ -329,4 +352,3 @@ def fit(spec: ScoreSpec, data: Prepared, pool, *, extra_config: dict[str, Any] |
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
     )
-    return trainer.fit()

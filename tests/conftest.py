@@ -47,13 +47,25 @@ def digits_flags():
     return list(DIGITS_FLAGS)
 
 
+def digits_log(run_dir) -> str:
+    """What `raycurv score` printed in ``digits_run`` (stdout and stderr)."""
+    return (run_dir.parent / "digits.log").read_text()
+
+
 @pytest.fixture(scope="session")
 def digits_run(ray_cluster, tmp_path_factory):
-    """One uninterrupted `raycurv score` run (1 worker, 1 actor) that other runs compare with."""
-    from raycurv.cli import main
+    """One uninterrupted `raycurv score` run (1 worker, 1 actor) that other runs compare with: the
+    command as a user runs it, joined to the session's cluster, with its stdout and stderr piped
+    to one file (``digits_log``)."""
+    import subprocess
+    import sys
 
     run_dir = tmp_path_factory.mktemp("runs") / "digits"
-    assert main(["score", *DIGITS_FLAGS, "--run-dir", str(run_dir)]) == 0
+    with open(run_dir.parent / "digits.log", "w") as log:
+        done = subprocess.run([sys.executable, "-m", "raycurv.cli", "score", *DIGITS_FLAGS,
+                               "--run-dir", str(run_dir), "--address", ray_cluster],
+                              stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    assert done.returncode == 0, digits_log(run_dir)[-3000:]
     return run_dir
 
 

@@ -53,7 +53,7 @@ def _spec(root: str, out: str, **kw) -> ReferenceSpec:
 def test_known_answer_on_ray(ray_cluster, blobs_parquet, tmp_path):
     root, labels, wrong = blobs_parquet
     result = estimate(_spec(root, str(tmp_path / "ref.parquet"), models_per_task=20),
-                      progress=lambda _: None)
+                      progress=lambda *_: None)
     table, meta = read_reference(str(tmp_path / "ref.parquet"))
     df = table.to_pandas()
     assert (df["n_in"] + df["n_out"] == MODELS).all()
@@ -69,9 +69,9 @@ def test_known_answer_on_ray(ray_cluster, blobs_parquet, tmp_path):
 def test_reproducible_by_seed_whatever_the_task_layout(ray_cluster, blobs_parquet, tmp_path):
     root, _, _ = blobs_parquet
     quick = {"models": 12, "train": {"epochs": 5, "batch_size": 8, "width": 16}}
-    a = estimate(_spec(root, str(tmp_path / "a.parquet"), models_per_task=12, **quick), progress=print)
-    b = estimate(_spec(root, str(tmp_path / "b.parquet"), models_per_task=5, **quick), progress=print)
-    c = estimate(_spec(root, str(tmp_path / "c.parquet"), seed=1, **quick), progress=print)
+    a = estimate(_spec(root, str(tmp_path / "a.parquet"), models_per_task=12, **quick))
+    b = estimate(_spec(root, str(tmp_path / "b.parquet"), models_per_task=5, **quick))
+    c = estimate(_spec(root, str(tmp_path / "c.parquet"), seed=1, **quick))
     for column in ("n_in", "n_out", "mem", "p_in", "p_out"):
         assert a.table.column(column).equals(b.table.column(column)), column
     assert not a.table.column("n_in").equals(c.table.column("n_in"))

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     spec = build_spec(args)
     result = estimate(spec, address=args.address,
-                      progress=(lambda _: None) if args.json else print)
+                      progress=(lambda *_: None) if args.json else None)
     s = result.summary
     if args.json:
         print(json.dumps({"out": result.path, **s}))

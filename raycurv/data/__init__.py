@@ -20,6 +20,7 @@ from raycurv.data import plane
 from raycurv.data.noise import apply_noise, pick_duplicates
 from raycurv.data.sources import SOURCES, RawImages, load_source
 from raycurv.errors import UsageError
+from raycurv.progress import phase
 
 PLANE_SOURCES = ("imagefolder", "parquet")  # streamed through the data plane, never held whole
 
@@ -243,9 +244,12 @@ def materialize(data: Prepared, location: str, *, seed: int) -> Prepared:
     a complete one is there already (a resumed run). In-memory datasets are returned as they are."""
     if data.images is not None or data.store is not None:
         return data
-    store = plane.Store.open(location) or plane.write_store(
-        location, sample_ids=data.sample_ids, labels=data.labels, refs=data.refs,
-        image_column=data.image_column, size=data.image_size, seed=seed)
+    store = plane.Store.open(location)
+    if store is None:
+        with phase(f"dataset preparation ({len(data)} images)"):
+            store = plane.write_store(location, sample_ids=data.sample_ids, labels=data.labels,
+                                      refs=data.refs, image_column=data.image_column,
+                                      size=data.image_size, seed=seed)
     return attach_store(data, store)
 
 
