@@ -273,7 +273,7 @@ def train_models(inputs: np.ndarray, labels: np.ndarray, model_ids: np.ndarray,
     model_ids = np.asarray(model_ids, dtype=np.int64)
     subsets = model_subsets(len(labels), model_ids, keep=spec.keep, seed=spec.seed)
     x = torch.tensor(np.asarray(inputs), dtype=torch.float32, device=device)  # a copy: store arrays are read-only
-    y = torch.as_tensor(labels, dtype=torch.int64, device=device)
+    y = torch.tensor(np.asarray(labels), dtype=torch.int64, device=device)  # a copy, as x
     model = build_ensemble(spec, model_ids, tuple(inputs.shape[1:]), num_classes).to(device)
     _fit(model, x, y, subsets, model_ids, spec)
     correct = _correct(model, len(model_ids), x, y)

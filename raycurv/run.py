@@ -159,11 +159,11 @@ def _without_score(metrics: dict[str, Any], score: str) -> dict[str, Any]:
 
 
 class _WarningsOnly(logging.Filter):
-    """Drops records below WARNING (on the handlers of Ray's driver-side logger: ray.init resets
-    the logger's own level, not its handlers' filters)."""
+    """Drops records below WARNING, and Ray's known notices (on the console handlers of Ray's
+    driver-side loggers: ray.init resets the logger's own level, not its handlers' filters)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
+        return record.levelno >= logging.WARNING and not _known_notice(record.getMessage())
 
 
 _WARNINGS_ONLY = _WarningsOnly()
@@ -181,13 +181,33 @@ def quiet_ray_logs(*, verbose: bool) -> None:
     for handler in logging.getLogger("ray").handlers:
         (handler.removeFilter if verbose else handler.addFilter)(_WARNINGS_ONLY)
     logging.getLogger(_TOKEN_LOGGER).setLevel(logging.NOTSET if verbose else logging.ERROR)
+    quiet_ray_data(verbose=verbose)
 
 
-# Ray Train's controller starts its PreemptionWatcher actor with a constructor argument in the
-# object store, and Ray logs an ERROR about restarting it (ray-project/ray#53727) that says
-# nothing about the run; the controller's log lines are forwarded to the driver.
+def quiet_ray_data(*, verbose: bool) -> None:
+    """Unless ``verbose``, Ray Data's own console output is off: its progress bars, its "Starting
+    execution of Dataset ..." lines (a dataset carries the DataContext it was created with, so the
+    processes that run it, such as Ray Train's SplitCoordinator, follow these settings) and its
+    driver-side INFO lines on the console (its session log file keeps them)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = verbose
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console; not the session log file
+            (handler.removeFilter if verbose else handler.addFilter)(_WARNINGS_ONLY)
+
+
+# Lines of Ray's own processes that say nothing about the run, kept off the console unless
+# verbose. Ray Train's controller starts its PreemptionWatcher actor with a constructor argument in
+# the object store, and Ray logs an ERROR about restarting it (ray-project/ray#53727); Ray Data
+# warns once per process that its progress bars are off (quiet_ray_data turns them off) and its
+# SplitCoordinator (Ray Train's split of the prepared dataset) logs each epoch's execution time.
 _KNOWN_NOTICES = (re.compile(r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' "
-                             r"and ID: '\w+' has constructor arguments in the object store"),)
+                             r"and ID: '\w+' has constructor arguments in the object store"),
+                  re.compile(r"Progress bars disabled\. To enable, set "
+                             r"`ray\.data\.DataContext\.get_current\(\)\.enable_progress_bars"),
+                  re.compile(r"Dataset train_\w+ execution finished in [\d.]+ seconds$"))
 _PRINTER = "ray_print_logs"  # the handler that prints forwarded worker lines (ray._private.worker)
 
 

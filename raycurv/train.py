@@ -23,8 +23,15 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.data import DataContext
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.data import ExecutionOptions
+from ray.train import (
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 from torch import nn
 from torch.nn import functional as F
@@ -153,7 +160,7 @@ def _train_epoch(model, opt, data: TrainData, batches, *, device, generator, pad
         x = to_input(images, data.norm, device=device)
         if data.augment:
             x = augment(x, generator=generator, pad=pad, flip=data.flip)
-        y = torch.as_tensor(labels, device=device)
+        y = torch.as_tensor(np.require(labels, requirements="W"), device=device)  # Arrow's are read-only
         logits = model(x)
         per_sample = F.cross_entropy(logits, y, reduction="none")
         opt.zero_grad(set_to_none=True)
@@ -328,7 +335,6 @@ def fit(spec: ScoreSpec, data: Prepared, pool, *, extra_config: dict[str, Any] |
     t = spec.train
     datasets = None
     if data.store is not None:  # streamed: Ray Train splits it among the workers
-        DataContext.get_current().execution_options.preserve_order = True  # same order every run
         datasets = {"train": data.store.dataset(multiple_of=t.workers)}
     steps = Steps("epoch", t.epochs, unit="epoch")
     with steps, Relay(functools.partial(_show, steps)) as relay:
@@ -342,6 +348,9 @@ def _trainer(spec: ScoreSpec, data: Prepared, pool, datasets, progress, *,
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})}
     return TorchTrainer(
         train_loop_per_worker, datasets=datasets,
+        # the same order every run; options given whole (Ray Train's defaults copy a deprecated
+        # option, and its DatasetManager warns about it in every run)
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         train_loop_config={"spec": spec.model_dump(), "data": ray.put(TrainData.of(data)),
                            "pool": pool, "verbose": verbose, "progress": progress,
                            **(extra_config or {})},

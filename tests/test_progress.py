@@ -136,6 +136,27 @@ def test_only_ray_trains_known_notice_is_kept_off_the_console_unless_verbose(mon
     assert printed[-1] == {"lines": [theirs], "is_err": True}
 
 
+@pytest.mark.parametrize("line", [
+    "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars"
+    " = True`.",
+    "\u2714\ufe0f  Dataset train_0357KPjbWELYai1OdpULTj_0 execution finished in 4.30 seconds"])
+def test_ray_datas_known_notices_are_kept_off_the_console_unless_verbose(monkeypatch, line):
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printed = []
+    monkeypatch.setattr(dispatcher, "handlers", [("ray_print_logs", printed.append)])
+    quiet_forwarded_lines(verbose=False)
+    dispatcher.emit({"lines": [line, "epoch 1/4"], "is_err": True})
+    assert printed == [{"lines": ["epoch 1/4"], "is_err": True}]
+    record = logging.LogRecord("ray.data", logging.WARNING, __file__, 1, line, None, None)
+    handler = logging.StreamHandler()
+    monkeypatch.setattr(logging.getLogger("ray.data"), "handlers", [handler])
+    quiet_ray_logs(verbose=False)
+    assert not handler.filter(record)
+    quiet_ray_logs(verbose=True)
+    assert handler.filter(record)
+
+
 def test_a_local_clusters_processes_are_told_its_address(monkeypatch):
     """Ray Train's PlacementGroupCleaner finds its cluster by RAY_ADDRESS; without it, another
     cluster on the machine makes it print a traceback."""
