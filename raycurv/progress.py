@@ -93,6 +93,22 @@ def phase(what: str, *, stream: TextIO | None = None) -> Iterator[None]:
     print(f"{what}: {time.perf_counter() - started:.0f} s", file=stream, flush=True)
 
 
+@contextlib.contextmanager
+def counted(what: str, total: int, *, unit: str, stream: TextIO | None = None
+            ) -> Iterator[Callable[[], None]]:
+    """A long step of many small pieces (the parts of a prepared dataset): on a terminal a bar
+    with ETA over ``total`` pieces, off one only phase's line when it is done (not a line a
+    piece). Yields the callable that marks one piece done."""
+    stream = stream if stream is not None else sys.stderr
+    if not on_terminal(stream):
+        with phase(what, stream=stream):
+            yield lambda: None
+        return
+    with Steps(what, total, unit=unit, stream=stream) as steps:
+        steps.begin()
+        yield steps.step
+
+
 class Relay:
     """Steps reported by Ray workers (``put``, on a handle that travels in a task's or a training
     loop's config), rendered on the driver by ``render(item)`` in a thread while the phase runs.

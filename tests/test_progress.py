@@ -14,7 +14,7 @@ from raycurv import cluster, train
 from raycurv.cli import build_parser
 from raycurv.config import DataSpec, ScoreSpec
 from raycurv.data import prepare_dataset
-from raycurv.progress import Steps, phase
+from raycurv.progress import Steps, counted, phase
 from raycurv.run import quiet_forwarded_lines, quiet_ray_logs
 from tests.conftest import DIGITS_EPOCHS, digits_log
 
@@ -113,6 +113,20 @@ def test_a_one_step_phase_is_one_line_when_done_off_a_terminal():
     with pytest.raises(ValueError), phase("duplicate search", stream=failed):
         raise ValueError
     assert failed.getvalue() == ""
+
+
+def test_many_pieces_are_a_bar_on_a_terminal_and_one_line_off_it():
+    out = io.StringIO()
+    with counted("dataset preparation (9 images)", 3, unit="part", stream=out) as done:
+        for _ in range(3):
+            done()
+    assert out.getvalue() == "dataset preparation (9 images): 0 s\n"
+    tty = _Terminal()
+    with counted("dataset preparation (9 images)", 3, unit="part", stream=tty) as done:
+        for _ in range(3):
+            done()
+    final = tty.getvalue().rsplit("\r", 1)[-1]
+    assert final.startswith("dataset preparation (9 images): 100%") and "3/3" in final
 
 
 NOTICE = ("[2026-12-01 20:04:39,179 E 6452 6493] core_worker.cc:2465: Actor with class name: '{}' "

@@ -20,7 +20,7 @@ from raycurv.data import plane
 from raycurv.data.noise import apply_noise, pick_duplicates
 from raycurv.data.sources import SOURCES, RawImages, load_source
 from raycurv.errors import UsageError
-from raycurv.progress import phase
+from raycurv.progress import counted
 
 PLANE_SOURCES = ("imagefolder", "parquet")  # streamed through the data plane, never held whole
 
@@ -246,10 +246,11 @@ def materialize(data: Prepared, location: str, *, seed: int) -> Prepared:
         return data
     store = plane.Store.open(location)
     if store is None:
-        with phase(f"dataset preparation ({len(data)} images)"):
+        parts = plane.part_count(len(data))
+        with counted(f"dataset preparation ({len(data)} images)", parts, unit="part") as done:
             store = plane.write_store(location, sample_ids=data.sample_ids, labels=data.labels,
                                       refs=data.refs, image_column=data.image_column,
-                                      size=data.image_size, seed=seed)
+                                      size=data.image_size, seed=seed, on_part=done)
     return attach_store(data, store)
 
 

@@ -19,6 +19,7 @@ import fnmatch
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -357,12 +358,19 @@ def _write_part(chunk: dict, *, rows: list, settings: dict) -> dict:
     return {"part": chunk["part"], "rows": len(images), "sha": digest}
 
 
+def part_count(n: int) -> int:
+    """The parts of a prepared dataset of ``n`` samples (ROWS_PER_PART rows each)."""
+    return -(-n // ROWS_PER_PART)
+
+
 def write_store(location: str, *, sample_ids: np.ndarray, labels: np.ndarray, refs: pa.Table,
-                image_column: str, size: tuple[int, int] | None, seed: int) -> Store:
+                image_column: str, size: tuple[int, int] | None, seed: int,
+                on_part: Callable[[], None] = lambda: None) -> Store:
     """Decode, resize and write every sample (in the order given) as a prepared dataset at
     ``location``, in parallel through Ray Data; the manifest is written last, so a store is either
     complete or absent. Returns it. The listing goes to the tasks once, as one Arrow table in the
-    object store; each task is told only its row range."""
+    object store; each task is told only its row range. ``on_part`` is called as each part is
+    written (part_count parts)."""
     import ray
     import ray.data
 
@@ -374,9 +382,12 @@ def write_store(location: str, *, sample_ids: np.ndarray, labels: np.ndarray, re
               for k, start in enumerate(range(0, len(sample_ids), ROWS_PER_PART))]
     settings = {"location": location, "image_column": image_column, "size": size, "shape": shape}
     try:
-        written = (ray.data.from_items(chunks)
-                   .map(_write_part, fn_kwargs={"rows": [ray.put(listing)], "settings": settings})
-                   .take_all())
+        written = []
+        for row in (ray.data.from_items(chunks)
+                    .map(_write_part, fn_kwargs={"rows": [ray.put(listing)], "settings": settings})
+                    .iter_rows()):
+            written.append(row)
+            on_part()
     except Exception as exc:  # a task's UsageError arrives wrapped in Ray's errors
         raise UsageError(_usage_line(exc) or f"preparing the dataset failed: "
                          f"{str(exc).splitlines()[0]}") from None
