@@ -19,13 +19,15 @@ from typing import Any, TextIO
 
 
 def on_terminal(stream: TextIO) -> bool:
-    """Whether ``stream`` is a terminal a bar can be drawn on (a pseudo-terminal of no width,
-    as some CI runners give, is not: the bar would be empty)."""
+    """Whether ``stream`` is a terminal a bar can be drawn on (a pseudo-terminal of no width or
+    no height, as some CI runners give, is not: tqdm would draw an empty bar, or with no rows hide
+    it as one that does not fit)."""
     isatty = getattr(stream, "isatty", None)
     if not (isatty and isatty()):
         return False
     try:
-        return os.get_terminal_size(stream.fileno()).columns > 0
+        size = os.get_terminal_size(stream.fileno())
+        return size.columns > 0 and size.lines > 0
     except (OSError, ValueError):  # no file descriptor, or not one with a size: tqdm's default width
         return True
 

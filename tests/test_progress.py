@@ -76,6 +76,28 @@ class _Terminal(io.StringIO):
         return True
 
 
+@pytest.mark.parametrize(("columns", "rows", "bar"), [(120, 40, True), (120, 0, False), (0, 40, False)])
+def test_a_terminal_of_no_width_or_no_height_gets_plain_lines(columns, rows, bar):
+    """tqdm hides every bar on a terminal of no rows (none fits): plain lines there instead."""
+    import fcntl
+    import struct
+    import termios
+
+    from raycurv.progress import on_terminal
+
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    with os.fdopen(follower, "w") as stream:
+        assert on_terminal(stream) is bar
+        Steps("epoch", 1, stream=stream).step("done")
+    written = os.read(leader, 4096).decode()
+    os.close(leader)
+    if bar:  # tqdm's bar, drawn in place
+        assert "epoch: 100%|" in written and "1/1" in written
+    else:  # one plain line (the terminal writes its newline as \r\n)
+        assert written == "epoch 1/1  done\r\n"
+
+
 def test_off_a_terminal_each_step_is_one_plain_line():
     out = io.StringIO()
     with Steps("epoch", 5, stream=out) as steps:
