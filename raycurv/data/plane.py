@@ -113,8 +113,9 @@ def parquet_files(root: str) -> list[str]:
 def _index_parquet(root: str, image_column: str, label_column: str,
                    path_column: str | None) -> SourceIndex:
     """The rows of every file, in file order; only the label (and path) columns are read. The
-    listing stays in Arrow: ``file`` dictionary-encoded, ``path`` the path column or
-    ``file#row``, so a million rows cost tens of bytes each, not Python objects."""
+    listing stays in Arrow: ``file`` dictionary-encoded and ``row``, plus ``path`` where the data
+    has a path column (else ref_paths spells it ``file#row`` where one is written), so a million
+    rows cost a few bytes each, not Python objects."""
     files, labels, counts, paths = parquet_files(root), [], [], []
     wanted = [label_column, *([path_column] if path_column else [])]
     for file in files:
@@ -444,9 +445,9 @@ def check_images(refs: pa.Table, *, image_column: str, size: tuple[int, int] | N
     every file (decoded: nulls, strings, ragged or mixed-size cells). A bad image further in is
     still one line, from the write (after Ray has started)."""
     if "file" in refs.column_names:
-        first = _first_rows_of_each_file(refs.column("file"), CHECKED_ROWS)
-        images = decode_refs(refs.take(pa.array(first)), image_column=image_column, size=size)
-        _same_shape(images, ref_paths(refs.take(pa.array(first))).to_pylist())
+        first = refs.take(pa.array(_first_rows_of_each_file(refs.column("file"), CHECKED_ROWS)))
+        images = decode_refs(first, image_column=image_column, size=size)
+        _same_shape(images, ref_paths(first).to_pylist())
         return
     if size is not None:
         return
