@@ -51,3 +51,64 @@ def test_regimes_change_only_what_they_name():
     with pytest.raises(ValueError, match="unknown regime"):
         regime_spec("nope", base_epochs=12, data=data, seed=0, probes=1)
     assert "default" in REGIMES
+
+
+def test_curvature_through_confidence_is_the_median_of_each_confidence_bin():
+    from bench.ceiling import through_confidence
+
+    p_y = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
+    curvature = np.array([5.0, 1.0, 3.0, 2.0, 8.0, 4.0])
+    np.testing.assert_array_equal(through_confidence(curvature, p_y, 2), [3, 3, 3, 4, 4, 4])
+    # a curvature that follows p_y ranks through it as the loss does
+    rng = np.random.default_rng(0)
+    p_y = rng.uniform(size=2000)
+    corrupted = rng.uniform(size=2000) < np.where(p_y < 0.2, 0.9, 0.02)
+    follows = 1.0 - p_y + rng.normal(0, 0.01, size=2000)
+    auc = {name: figures({"s": values}, corrupted, np.full(2000, -1))["s"]["corrupted"]["auroc"]
+           for name, values in (("through", through_confidence(follows, p_y, 20)),
+                                ("loss", -np.log(p_y)))}
+    assert auc["through"] > 0.9 and abs(auc["through"] - auc["loss"]) < 0.02
+
+
+def test_ceiling_reads_a_stored_run_and_its_figures_match_evaluate(digits_run):
+    from bench.ceiling import analyze
+    from raycurv.evaluate import evaluate_run
+    from tests.conftest import DIGITS_EPOCHS
+
+    found = analyze(str(digits_run), bins=10)
+    figures_ = evaluate_run(str(digits_run), duplicates=False)["detection"]["corrupted"]
+    auroc = found["auroc"]["corrupted"]
+    assert auroc["final_loss"] == pytest.approx(figures_["final_loss"]["auroc"])
+    assert auroc["curvature_run"] == pytest.approx(figures_["curvature"]["auroc"])
+    assert found["corrupted"] == sum(r["corrupted"] for r in found["by_p_y"]) > 0
+    assert found["samples"] == sum(r["clean"] + r["corrupted"] for r in found["by_p_y"])
+    # every epoch's loss comes from the actors' records: the last one is the table's final loss
+    assert [e["epoch"] for e in found["by_epoch"]] == list(range(DIGITS_EPOCHS))
+    assert found["by_epoch"][-1]["loss"] == pytest.approx(auroc["final_loss"])
+    assert found["by_epoch"][-1]["curvature"] == pytest.approx(auroc["curvature_last_epoch"])
+    assert 0.5 < auroc["curvature_last_epoch"] <= 1.0
+
+
+def test_ceiling_agreement_matches_evaluate_on_a_stored_run_and_reference(tmp_path):
+    from bench.ceiling import analyze, main
+    from raycurv.agreement import evaluate_reference
+    from raycurv.reference import read_reference
+    from raycurv.runfolder import read_run_scores
+    from tests.test_evaluate import EPOCH_FACTORS, fake_reference, fake_run
+
+    run_dir, data = fake_run(tmp_path / "run")
+    mem = np.clip(np.random.default_rng(0).uniform(-0.1, 1.0, len(data)), 0, 1)
+    ref = fake_reference(tmp_path / "reference.parquet", data, mem)
+    found = analyze(str(run_dir), bins=5, reference=ref)
+    expected = evaluate_reference(read_run_scores(str(run_dir))[1], read_reference(ref)[0])["scores"]
+    for ours, theirs in (("curvature_run", "curvature"), ("final_loss", "final_loss")):
+        assert found["agreement"][ours] == pytest.approx(expected[theirs])
+    # the last epoch's curvature is the run's times the last factor: the same ranks
+    assert found["agreement"]["curvature_last_epoch"]["spearman"] == pytest.approx(
+        expected["curvature"]["spearman"])
+    assert EPOCH_FACTORS[-1] != 1.0
+    assert set(found["auroc"]) == {"corrupted", "duplicate"}
+    assert main([str(run_dir), "--reference", ref, "--bins", "5"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        main([str(run_dir), "--bins", "1"])
+    assert exc.value.code == 2

@@ -1,0 +1,241 @@
+"""Where curvature's mislabel ceiling comes from: curvature against the model's confidence in
+the label, read from one stored run with injected label noise.
+
+The loss ranks a sample by one number, p_y = exp(-final_loss), the model's probability of the
+label it was trained on, and ranks it monotonically: the less the model believes the label, the
+higher. Curvature is a different function of the same model around x. This benchmark takes the
+last scored epoch's curvature (the model that gave ``final_loss``) and asks how much of its
+ranking p_y explains, and where the two part:
+
+- AUROC of finding the corrupted labels (and injected conflicting copies, raycurv.detection's
+  targets): curvature of the last epoch, of the run (mean over
+  epochs), final loss, and *curvature through p_y*: every sample's curvature replaced by the
+  median curvature of the samples with a p_y close to its own (``--bins`` quantile bins of p_y,
+  corrupted and clean pooled). Close to the last epoch's AUROC: curvature ranks as a function of
+  the model's confidence in the label, and its gap to the loss is the shape of that function;
+- per p_y range: clean (neither corrupted nor an injected copy) and corrupted samples, the median curvature percentile of each, and
+  curvature's AUROC within the range (does it separate samples the model is equally sure of?);
+- the clean samples in the top k of each score (k = corrupted labels): how many, and their
+  median p_y; for curvature, the (label, prediction) class pairs most frequent among them.
+
+    python -m bench.ceiling runs/fmnist10k
+    python -m bench.ceiling runs/fmnist5k --reference runs/fmnist5k/reference.parquet
+
+With ``--reference`` (a clean run), the same question for agreement with Feldman-Zhang: how
+curvature, final loss, curvature through p_y and *curvature beyond p_y* (the last epoch's
+curvature over its p_y bin's median: what confidence does not explain) agree with mem.
+
+Output ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from raycurv import storage
+from raycurv.agreement import agreement, join_reference, top_k_count
+from raycurv.class_names import class_names
+from raycurv.detection import detection, targets
+from raycurv.evaluate import epoch_window, load_run_table
+from raycurv.reference import read_reference
+from raycurv.runfolder import shard_epoch_files
+from raycurv.table import rank_and_percentile, read_metadata
+
+RANGES = (0.0, 0.05, 0.2, 0.5, 0.8, 0.95, 1.0)  # p_y ranges of the per-range table
+
+
+def through_confidence(curvature: np.ndarray, p_y: np.ndarray, bins: int) -> np.ndarray:
+    """(N,) the median curvature of each sample's p_y quantile bin (higher = flagged first)."""
+    edges = np.quantile(p_y, np.linspace(0, 1, bins + 1)[1:-1])
+    which = np.searchsorted(edges, p_y, side="right")
+    medians = np.array([np.median(curvature[which == b]) if (which == b).any() else np.nan
+                        for b in range(bins)])
+    return medians[which]
+
+
+def by_range(curvature: np.ndarray, p_y: np.ndarray, corrupted: np.ndarray,
+             clean: np.ndarray) -> list[dict]:
+    """One row per p_y range of RANGES: counts, median curvature percentile (of all samples),
+    and curvature's AUROC of the corrupted against the clean samples within the range."""
+    pct = rank_and_percentile(curvature)[1]  # the table's percentile: share strictly lower
+    rows = []
+    for low, high in zip(RANGES[:-1], RANGES[1:], strict=True):
+        inside = (p_y >= low) & ((p_y < high) | (high == RANGES[-1]))
+        bad, good = inside & corrupted, inside & clean
+        both = bad.sum() >= 10 and good.sum() >= 10
+        rows.append({
+            "p_y": f"{low:.2f}-{high:.2f}", "clean": int(good.sum()), "corrupted": int(bad.sum()),
+            "clean_median_pct": float(np.median(pct[good])) if good.any() else None,
+            "corrupted_median_pct": float(np.median(pct[bad])) if bad.any() else None,
+            "auroc_within": float(detection(curvature, corrupted, among=bad | good)["auroc"])
+            if both else None})
+    return rows
+
+
+def false_positives(score: np.ndarray, corrupted: np.ndarray, clean: np.ndarray) -> np.ndarray:
+    """Positions of the clean samples among the k = corrupted highest ``score``."""
+    top = np.argsort(-score, kind="stable")[:int(corrupted.sum())]
+    return top[clean[top]]
+
+
+def agreement_through_confidence(table, reference: str, scores: dict[str, np.ndarray], *,
+                                 top_k: float) -> dict[str, dict[str, float]]:
+    """raycurv.agreement's figures of each of ``scores`` (N,) (aligned with ``table``) against
+    the reference's mem, on the samples where mem is defined."""
+    ref = read_reference(reference)[0]
+    joined = join_reference(table, ref)
+    mem = joined["mem"]
+    rows = np.searchsorted(table.column("sample_id").to_numpy(), joined["sample_id"])
+    k = top_k_count(top_k, len(mem))
+    return {name: agreement(values[rows], mem, k) for name, values in scores.items()}
+
+
+def epoch_losses(folder, n: int) -> dict[int, np.ndarray]:
+    """Epoch -> (N,) eval-mode loss of that epoch's model on every sample (sample_id order), from
+    the curvature actors' per-epoch records (raycurv.actors: each scored epoch records the loss
+    of the model it scored; shard k holds positions start..stop in order). Epochs some shard has
+    no loss for are left out."""
+    per_shard, index = [], 0
+    while True:
+        files = shard_epoch_files(folder.shard_state(index))
+        if not files:
+            break
+        per_shard.append({epoch: (storage.read_npz(location) or {}).get("final_loss")
+                          for epoch, location in files.items()})
+        index += 1
+    out = {}
+    for epoch in sorted(set.intersection(*(set(s) for s in per_shard)) if per_shard else ()):
+        parts = [s[epoch] for s in per_shard]
+        if all(p is not None for p in parts) and sum(len(p) for p in parts) == n:
+            out[epoch] = np.concatenate(parts).astype(np.float64)
+    return out
+
+
+def by_epoch(folder, table, positives: np.ndarray, clean: np.ndarray, bins: int) -> list[dict]:
+    """Per scored epoch: curvature's, the loss's and curvature-through-p_y's mislabel AUROC, and
+    how many clean samples that epoch's model gives p_y < 0.5."""
+    losses = epoch_losses(folder, len(table))
+    ids = table.column("sample_id").to_numpy()
+    rows = []
+    for epoch, loss in losses.items():
+        curvature, _ = epoch_window(folder.iter_by_epoch(), ids, epoch, epoch + 1)
+        p_y = np.exp(-loss)
+        rows.append({"epoch": epoch, "unsure_clean": int(((p_y < 0.5) & clean).sum()),
+                     **{name: float(detection(values, positives)["auroc"]) for name, values in (
+                         ("curvature", curvature), ("loss", loss),
+                         ("curvature_through_p_y", through_confidence(curvature, p_y, bins)))}})
+    return rows
+
+
+def analyze(run: str, *, bins: int, reference: str | None = None, top_k: float = 0.1) -> dict:
+    folder, table = load_run_table(run)
+    last = int(np.max(folder.read_by_epoch().column("epoch").to_numpy()))
+    _, last_table = load_run_table(run, epochs=f"{last}:")
+    col = lambda t, name: t.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
+    curv_last = col(last_table, "curvature").astype(np.float64)
+    curv_mean = col(table, "curvature").astype(np.float64)
+    loss = col(table, "final_loss").astype(np.float64)
+    p_y = np.exp(-loss)
+    labels, preds = col(table, "label"), col(table, "final_pred")
+    names = class_names(read_metadata(table)) or tuple(str(c) for c in range(int(labels.max()) + 1))
+    found = targets(col(table, "corrupted").astype(bool),
+                    table.column("duplicate_of").fill_null(-1).to_numpy())
+    auroc = {target: {name: float(detection(values, positives, among=among)["auroc"])
+                      for name, values in (
+                          ("curvature_run", curv_mean), ("curvature_last_epoch", curv_last),
+                          ("final_loss", loss),
+                          ("curvature_through_p_y", through_confidence(curv_last, p_y, bins)))}
+             for target, (positives, among) in found.items() if positives[among].any()}
+    out = {"run": run, "last_epoch": last, "samples": len(table), "bins": bins,
+           "spearman_curvature_vs_loss": float(spearmanr(curv_last, loss).statistic)}
+    if reference is not None:
+        out["agreement"] = agreement_through_confidence(
+            table, reference, {"curvature_run": curv_mean, "curvature_last_epoch": curv_last,
+                               "final_loss": loss,
+                               "curvature_through_p_y": through_confidence(curv_last, p_y, bins),
+                               "curvature_beyond_p_y": curv_last / through_confidence(
+                                   curv_last, p_y, bins)}, top_k=top_k)
+    if not auroc:
+        return out
+    corrupted = found["corrupted"][0]
+    clean = ~corrupted & ~found["duplicate"][0]  # neither corrupted nor an injected copy
+    fp = {name: false_positives(values, corrupted, clean)
+          for name, values in (("curvature_last_epoch", curv_last), ("final_loss", loss))}
+    pairs = collections.Counter(
+        f"{names[labels[i]]} as {names[preds[i]]}" if labels[i] != preds[i] else
+        f"{names[labels[i]]} (predicted right)" for i in fp["curvature_last_epoch"])
+    return {
+        **out, "corrupted": int(corrupted.sum()), "auroc": auroc,
+        "by_epoch": by_epoch(folder, table, corrupted, clean, bins),
+        "by_p_y": by_range(curv_last, p_y, corrupted, clean),
+        "top_k_clean": {name: {"count": int(len(idx)),
+                               "median_p_y": float(np.median(p_y[idx])) if len(idx) else None,
+                               "right": int((labels[idx] == preds[idx]).sum())}
+                        for name, idx in fp.items()},
+        "top_k_clean_pairs": pairs.most_common(6),
+    }
+
+
+def report(r: dict) -> str:
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = [f"{r['run']}: {r['samples']} samples, {r.get('corrupted', 0)} corrupted labels, "
+             f"last epoch {r['last_epoch']}",
+             f"Spearman of last-epoch curvature with final loss: "
+             f"{r['spearman_curvature_vs_loss']:.3f}"]
+    for target, a in r.get("auroc", {}).items():
+        lines.append(f"{target} AUROC: " + "curvature (run) {curvature_run:.4f}, curvature (last "
+                     "epoch) {curvature_last_epoch:.4f}, final loss {final_loss:.4f}, curvature "
+                     "through p_y {curvature_through_p_y:.4f}".format(**a) + f" ({r['bins']} bins)")
+    if "by_p_y" in r:
+        lines += ["", f"{'p_y':>10} {'clean':>6} {'corrupted':>9} {'curv pct clean':>15} "
+                      f"{'corrupted':>9} {'AUROC within':>12}"]
+        for row in r["by_p_y"]:
+            lines.append(f"{row['p_y']:>10} {row['clean']:>6} {row['corrupted']:>9} "
+                         f"{fmt(row['clean_median_pct'], '.3f'):>15} "
+                         f"{fmt(row['corrupted_median_pct'], '.3f'):>9} "
+                         f"{fmt(row['auroc_within'], '.4f'):>12}")
+        lines.append("")
+        for name, fp in r["top_k_clean"].items():
+            lines.append(f"clean samples in {name}'s top {r['corrupted']}: {fp['count']} (median "
+                         f"p_y {fmt(fp['median_p_y'], '.3f')}; predicted right: {fp['right']})")
+        lines.append("curvature's, by (label, prediction): " + ", ".join(
+            f"{pair} {n}" for pair, n in r["top_k_clean_pairs"]))
+    if r.get("by_epoch"):
+        lines += ["", "epoch  clean samples with p_y < 0.5  mislabel AUROC: curvature  loss  "
+                      "curvature through p_y"]
+        lines += [f"{e['epoch']:>5} {e['unsure_clean']:>29} {e['curvature']:>26.4f} "
+                  f"{e['loss']:>5.4f} {e['curvature_through_p_y']:>22.4f}" for e in r["by_epoch"]]
+    if "agreement" in r:
+        lines += ["", f"{'agreement with the reference':<28} {'cosine':>7} {'top-k cos':>9} "
+                      f"{'Pearson':>8} {'Spearman':>8} {'top-k overlap':>13}"]
+        for name, a in r["agreement"].items():
+            lines.append(f"{name:<28} {a['cosine']:>7.3f} {a['cosine_top_k']:>9.3f} "
+                         f"{a['pearson']:>8.3f} {a['spearman']:>8.3f} {a['top_k_overlap']:>13.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="a run folder with injected label noise, or any with --reference")
+    parser.add_argument("--reference", help="a Feldman-Zhang reference table of the run")
+    parser.add_argument("--top-k", type=float, default=0.1, help="as raycurv evaluate's")
+    parser.add_argument("--bins", type=int, default=20, help="p_y quantile bins (default 20)")
+    args = parser.parse_args(argv)
+    if args.bins < 2:
+        parser.error("--bins must be at least 2")
+    result = analyze(args.run, bins=args.bins, reference=args.reference, top_k=args.top_k)
+    if "auroc" not in result and args.reference is None:
+        parser.error(f"{args.run} has no injected noise or duplicates: give it --reference")
+    print(report(result), end="\n\n", flush=True)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
