@@ -217,6 +217,7 @@ def report(r: dict) -> str:
         for name, a in r["agreement"].items():
             lines.append(f"{name:<28} {a['cosine']:>7.3f} {a['cosine_top_k']:>9.3f} "
                          f"{a['pearson']:>8.3f} {a['spearman']:>8.3f} {a['top_k_overlap']:>13.3f}")
+        lines.append("(cosine says nothing of curvature_beyond_p_y: a ratio near 1 for every sample)")
     return "\n".join(lines)
 
 
