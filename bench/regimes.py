@@ -18,6 +18,7 @@ momentum 0.9, weight decay 5e-4, cosine schedule, h = 0.03):
     lr-high    lr 0.05                      step       step schedule     constant   constant lr
     h-small    h = 0.01                     h-large    h = 0.1
     resnet18   resnet18_cifar (3x3 stem, no max-pool)
+    fit        width 64, lr 0.05, 2x the epochs (sure of more clean samples sooner)
 
     python -m bench.regimes --dataset digits --seeds 0,1 --regimes default,narrow,wide,long,memorize,regularize
     python -m bench.regimes --dataset fashion-mnist --limit 10000 --epochs 15 --regimes default,memorize
@@ -60,6 +61,7 @@ REGIMES: dict[str, dict] = {
     "h-small": {"h": 0.01},
     "h-large": {"h": 0.1},
     "resnet18": {"model": "resnet18_cifar"},
+    "fit": {"width": 64, "lr": 0.05, "epochs_factor": 2.0},
 }
 
 

@@ -48,6 +48,9 @@ def test_regimes_change_only_what_they_name():
         36, 0.0, "constant")
     assert regime_spec("wide", base_epochs=12, data=data, seed=0, probes=1)[1] == 64
     assert regime_spec("h-large", base_epochs=12, data=data, seed=0, probes=1)[0].curvature.h == 0.1
+    fit, fit_width = regime_spec("fit", base_epochs=15, data=data, seed=0, probes=1)
+    assert (fit.train.epochs, fit.train.lr, fit_width) == (30, 0.05, 64)
+    assert fit.train.weight_decay == TrainSpec().weight_decay
     with pytest.raises(ValueError, match="unknown regime"):
         regime_spec("nope", base_epochs=12, data=data, seed=0, probes=1)
     assert "default" in REGIMES
