@@ -8,13 +8,16 @@ last scored epoch's curvature (the model that gave ``final_loss``) and asks how 
 ranking p_y explains, and where the two part:
 
 - AUROC of finding the corrupted labels (and injected conflicting copies, raycurv.detection's
-  targets): curvature of the last epoch, of the run (mean over
-  epochs), final loss, and *curvature through p_y*: every sample's curvature replaced by the
-  median curvature of the samples with a p_y close to its own (``--bins`` quantile bins of p_y,
-  corrupted and clean pooled). Close to the last epoch's AUROC: curvature ranks as a function of
-  the model's confidence in the label, and its gap to the loss is the shape of that function;
-- per p_y range: clean (neither corrupted nor an injected copy) and corrupted samples, the median curvature percentile of each, and
-  curvature's AUROC within the range (does it separate samples the model is equally sure of?);
+  targets): curvature of the last epoch, of the run (mean over epochs), final loss, and
+  *curvature through p_y*: every sample's curvature replaced by the median curvature of the
+  samples with a p_y close to its own (``--bins`` quantile bins of p_y, corrupted and clean
+  pooled). Close to the loss's AUROC: the part of curvature that follows confidence ranks as
+  the loss does, and what curvature loses against it is its spread at a given confidence;
+- the same per scored epoch, from the loss each epoch's model recorded, with the number of
+  clean samples that epoch's model gives p_y < 0.5;
+- per p_y range: clean (neither corrupted nor an injected copy) and corrupted samples, the
+  median curvature percentile of each, and curvature's AUROC within the range (does it
+  separate samples the model is equally sure of?);
 - the clean samples in the top k of each score (k = corrupted labels): how many, and their
   median p_y; for curvature, the (label, prediction) class pairs most frequent among them.
 
@@ -146,21 +149,19 @@ def analyze(run: str, *, bins: int, reference: str | None = None, top_k: float =
     names = class_names(read_metadata(table)) or tuple(str(c) for c in range(int(labels.max()) + 1))
     found = targets(col(table, "corrupted").astype(bool),
                     table.column("duplicate_of").fill_null(-1).to_numpy())
+    through = through_confidence(curv_last, p_y, bins)
     auroc = {target: {name: float(detection(values, positives, among=among)["auroc"])
                       for name, values in (
                           ("curvature_run", curv_mean), ("curvature_last_epoch", curv_last),
-                          ("final_loss", loss),
-                          ("curvature_through_p_y", through_confidence(curv_last, p_y, bins)))}
+                          ("final_loss", loss), ("curvature_through_p_y", through))}
              for target, (positives, among) in found.items() if positives[among].any()}
     out = {"run": run, "last_epoch": last, "samples": len(table), "bins": bins,
            "spearman_curvature_vs_loss": float(spearmanr(curv_last, loss).statistic)}
     if reference is not None:
         out["agreement"] = agreement_through_confidence(
             table, reference, {"curvature_run": curv_mean, "curvature_last_epoch": curv_last,
-                               "final_loss": loss,
-                               "curvature_through_p_y": through_confidence(curv_last, p_y, bins),
-                               "curvature_beyond_p_y": curv_last / through_confidence(
-                                   curv_last, p_y, bins)}, top_k=top_k)
+                               "final_loss": loss, "curvature_through_p_y": through,
+                               "curvature_beyond_p_y": curv_last / through}, top_k=top_k)
     if not auroc:
         return out
     corrupted = found["corrupted"][0]
