@@ -45,7 +45,7 @@ from raycurv import storage
 from raycurv.agreement import agreement, join_reference, top_k_count
 from raycurv.class_names import class_names
 from raycurv.detection import detection, targets
-from raycurv.evaluate import epoch_window, load_run_table
+from raycurv.evaluate import epoch_window, load_run_table, read_epoch_window
 from raycurv.reference import read_reference
 from raycurv.runfolder import shard_epoch_files
 from raycurv.table import rank_and_percentile, read_metadata
@@ -139,7 +139,7 @@ def by_epoch(folder, table, positives: np.ndarray, clean: np.ndarray, bins: int)
 def analyze(run: str, *, bins: int, reference: str | None = None, top_k: float = 0.1) -> dict:
     folder, table = load_run_table(run)
     last = int(np.max(folder.read_by_epoch().column("epoch").to_numpy()))
-    _, last_table = load_run_table(run, epochs=f"{last}:")
+    last_table = read_epoch_window(folder, table, f"{last}:")  # the table read once
     col = lambda t, name: t.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
     curv_last = col(last_table, "curvature").astype(np.float64)
     curv_mean = col(table, "curvature").astype(np.float64)
