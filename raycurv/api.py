@@ -364,8 +364,9 @@ def export(run: str | Path | Run, *, format: str, output: str | None = None,
     output : str, optional
         A file (a folder for ``fiftyone``), local or a URI; default ``<run>/exports/<name>``.
     threshold : float
-        The percentile of curvature, in [0, 1], from which a sample whose final prediction is
-        another class counts as a label issue (default 0.9: the top 10 %).
+        The percentile of the mislabel score (csl; the final loss without training records),
+        in [0, 1], from which a sample whose final prediction is another class counts as a
+        label issue (default 0.9: the top 10 %).
 
     Returns
     -------

@@ -9,9 +9,10 @@ prepared dataset records it; null for built-in datasets) and the class names of 
 
 cleanlab's layout flags a label issue by the rule :data:`ISSUE_RULE`: a sample whose
 ``suspected`` kind (raycurv.suspected, with the export's ``threshold``, default 0.9) is
-``mislabel`` (in the top ``1 - threshold`` share by curvature and the final model predicts
-another class than its label) or ``conflicting_duplicate`` (as the table records it);
-``label_score`` is ``1 - percentile`` (cleanlab's direction: lower = more likely a label issue).
+``mislabel`` (in the top ``1 - threshold`` share by the mislabel score, csl, and the final model
+predicts another class than its label) or ``conflicting_duplicate`` (as the table records it);
+``label_score`` is ``1 -`` the mislabel score's percentile (cleanlab's direction: lower = more
+likely a label issue).
 
 Files are written through raycurv.storage (a local path or a URI), each atomically.
 """
@@ -26,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from raycurv import storage
@@ -34,16 +34,17 @@ from raycurv.class_names import class_names
 from raycurv.data import plane
 from raycurv.errors import UsageError
 from raycurv.runfolder import RunFolder
-from raycurv.suspected import CONFLICTING_DUPLICATE, MISLABEL, suspect
+from raycurv.suspected import CONFLICTING_DUPLICATE, MISLABEL, mislabel_score, suspect
 from raycurv.suspected import (
     DEFAULT_THRESHOLD as DEFAULT_THRESHOLD,  # the export's default: the rule's
 )
 from raycurv.table import read_metadata
 
 EXPORTS_DIR = "exports"  # under the run folder: where an export goes unless told otherwise
-ISSUE_RULE = ("is_label_issue = suspected is mislabel (percentile >= threshold, default 0.9: "
-              "the top 10 % by curvature, and final_pred != label) or conflicting_duplicate; "
-              "label_score = 1 - percentile")
+ISSUE_RULE = ("is_label_issue = suspected is mislabel (the mislabel score's percentile >= "
+              "threshold, default 0.9: the top 10 % by csl, or by final_loss without training "
+              "records, and final_pred != label) or conflicting_duplicate; label_score = 1 - the "
+              "mislabel score's percentile")
 IMAGE_SUFFIXES = plane.IMAGE_SUFFIXES
 FIFTYONE_LABELS = "labels.json"  # the given labels: FiftyOneImageClassificationDataset
 FIFTYONE_PREDICTIONS = "predictions.json"  # the final model's predictions, the same layout
@@ -86,17 +87,20 @@ def cleanlab_table(table: pa.Table, *, threshold: float) -> pa.Table:
     """cleanlab's label-issues layout (``Datalab.get_issues("label")``): ``is_label_issue`` (bool),
     ``label_score`` (float64, lower = more likely an issue), ``given_label``, ``predicted_label``
     (int64), after ``sample_id``; see :data:`ISSUE_RULE`."""
-    percentile = table.column("percentile").to_numpy()
     recorded = (table.column("suspected").to_numpy(zero_copy_only=False)
                 if "suspected" in table.column_names else None)
-    kinds = suspect(percentile=percentile, label=table.column("label").to_numpy(),
+    _, mislabel = mislabel_score(
+        {name: table.column(name).to_numpy() for name in ("csl", "final_loss")},
+        training_records=read_metadata(table).get("training_records", True))
+    kinds = suspect(percentile=table.column("percentile").to_numpy(), mislabel_percentile=mislabel,
+                    label=table.column("label").to_numpy(),
                     final_pred=table.column("final_pred").to_numpy(),
                     conflicting=None if recorded is None else recorded == CONFLICTING_DUPLICATE,
                     threshold=threshold)
     return pa.table({
         "sample_id": table.column("sample_id"),
         "is_label_issue": pa.array((kinds == MISLABEL) | (kinds == CONFLICTING_DUPLICATE)),
-        "label_score": pc.subtract(1.0, table.column("percentile").cast(pa.float64())),
+        "label_score": pa.array(1.0 - mislabel.astype(np.float64)),
         "given_label": table.column("label").cast(pa.int64()),
         "predicted_label": table.column("final_pred").cast(pa.int64()),
     })

@@ -21,7 +21,7 @@ from raycurv.data import Prepared
 from raycurv.data.plane import StoreImages
 from raycurv.progress import phase
 from raycurv.runfolder import RunFolder, shard_epoch_file
-from raycurv.suspected import DEFAULT_THRESHOLD, rule_metadata, suspect
+from raycurv.suspected import DEFAULT_THRESHOLD, mislabel_score, rule_metadata, suspect
 from raycurv.table import BY_EPOCH_SCHEMA, build_table, rank_and_percentile
 
 if TYPE_CHECKING:  # Ray and torch: not needed to write tables
@@ -62,16 +62,20 @@ def write_results(spec: ScoreSpec, data: Prepared, merged: Merged, *,
     folders = [estimator_folder(spec, e, primary=k == 0) for k, e in enumerate(estimators)]
     write_by_epoch(folders, merged, data.sample_ids, epochs=spec.train.epochs)
     conflicting, near = conflicting_duplicates(spec, data)
+    mislabel, mislabel_percentile = mislabel_score(
+        merged.columns, training_records=(extra_metadata or {}).get("training_records", True))
     tables = {}
     for k, (estimator, folder) in enumerate(zip(estimators, folders, strict=True)):
         columns = {**merged.columns, "curvature": merged.curvature[k],
                    "epochs_scored": merged.epochs_scored[k]}
         columns["suspected"] = suspect(
-            percentile=rank_and_percentile(merged.curvature[k])[1], label=data.labels,
+            percentile=rank_and_percentile(merged.curvature[k])[1],
+            mislabel_percentile=mislabel_percentile, label=data.labels,
             final_pred=merged.columns["final_pred"], conflicting=conflicting)
         epochs = [int(e) for e in np.flatnonzero(merged.scored[k])]
         metadata = table_metadata(spec, data, estimator, epochs) | {
-            "suspected": rule_metadata(threshold=DEFAULT_THRESHOLD, duplicate_threshold=near),
+            "suspected": rule_metadata(threshold=DEFAULT_THRESHOLD, duplicate_threshold=near,
+                                       mislabel_score=mislabel),
             **(extra_metadata or {})}
         table = build_table(columns, metadata)
         folder.write_scores(table)

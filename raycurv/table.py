@@ -77,7 +77,7 @@ class TableError(ValueError):
 
 def rank_and_percentile(curvature: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rank 1 = highest curvature (ties broken by lower sample position); percentile = share
-    of samples with strictly lower curvature, in [0, 1]."""
+    of samples with strictly lower curvature, in [0, 1]. The same of any other score (N,)."""
     curvature = np.asarray(curvature, dtype=np.float64)
     order = np.lexsort((np.arange(len(curvature)), -curvature))
     rank = np.empty(len(curvature), dtype=np.int64)

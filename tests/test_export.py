@@ -20,7 +20,7 @@ from raycurv.commands.export import FORMAT_CHOICES
 from raycurv.data import plane
 from raycurv.export import FORMATS
 from raycurv.runfolder import RunFolder
-from raycurv.table import build_table, read_metadata
+from raycurv.table import METADATA_KEY, build_table, rank_and_percentile, read_metadata
 from tests.serve_support import make_table, write_image_run
 
 CLASSES = ("cat", "dog", "fox")
@@ -38,6 +38,7 @@ def _run_with_store(root: Path) -> tuple[Path, pa.Table]:
     pred[:5] = (pred[:5] + 1) % 3  # the final model disagrees with five labels
     columns["final_pred"] = pred
     columns["curvature"][:5] += 10  # ... and those five are the most memorized
+    columns["csl"][:5] += 10  # ... and have the highest summed training loss
     table = build_table(columns, {**read_metadata(base), "dataset": "imagefolder",
                                   "class_names": list(CLASSES)})
     folder = RunFolder(str(root / "run"))
@@ -89,12 +90,23 @@ def test_cleanlab_layout_names_types_and_rule(tmp_path):
     assert list(issues.columns) == ["is_label_issue", "label_score", "given_label", "predicted_label"]
     assert issues.dtypes.to_dict() == {"is_label_issue": np.dtype(bool), "label_score": np.dtype("float64"),
                                        "given_label": np.dtype("int64"), "predicted_label": np.dtype("int64")}
-    # the five disagreeing labels are the top 5 by curvature: percentile >= 0.9 flags the top 3
-    assert issues.index[issues["is_label_issue"]].tolist() == sorted(
-        table.sort_by([("rank", "ascending")]).column("sample_id").to_pylist()[:3])
-    np.testing.assert_allclose(issues["label_score"], 1 - table.column("percentile").to_numpy(), atol=1e-6)
+    # the five disagreeing labels are the top 5 by csl, the mislabel score: its percentile >= 0.9
+    # flags the top 3
+    csl = table.column("csl").to_numpy()
+    assert issues.index[issues["is_label_issue"]].tolist() == sorted(np.argsort(-csl)[:3].tolist())
+    np.testing.assert_allclose(issues["label_score"], 1 - rank_and_percentile(csl)[1], atol=1e-6)
     raycurv.export(run, format="cleanlab", output=str(tmp_path / "all.csv"), threshold=0.0)
     assert pd.read_csv(tmp_path / "all.csv")["is_label_issue"].sum() == 5  # every disagreement
+    # scored checkpoints without training records (csl 0): the final loss ranks instead
+    loss = np.linspace(1, 0, 30, dtype=np.float32)  # sample 0 the highest
+    plain = table.set_column(table.schema.get_field_index("csl"), "csl", pa.array(np.zeros(30, np.float32)))
+    plain = plain.set_column(plain.schema.get_field_index("final_loss"), "final_loss", pa.array(loss))
+    plain = plain.replace_schema_metadata({METADATA_KEY: json.dumps(
+        {**read_metadata(table), "training_records": False}).encode()})
+    RunFolder(str(tmp_path / "plain")).write_scores(plain)
+    found = pd.read_csv(raycurv.export(tmp_path / "plain", format="cleanlab"), index_col="sample_id")
+    assert found.index[found["is_label_issue"]].tolist() == [0, 1, 2]
+    np.testing.assert_allclose(found["label_score"], 1 - rank_and_percentile(loss)[1], atol=1e-6)
 
 
 def _check_fiftyone_layout(out: Path, table: pa.Table, classes: list[str]) -> dict[str, str]:

@@ -6,33 +6,45 @@ import numpy as np
 import pytest
 
 from raycurv.detection import suspected_metrics
-from raycurv.suspected import is_suspected, suspect
+from raycurv.suspected import is_suspected, mislabel_score, suspect
 
 
 def test_each_sample_gets_the_first_kind_that_applies():
-    percentile = np.array([0.95, 0.95, 0.95, 0.5, 0.5, 0.9], np.float32)
-    label = np.array([1, 1, 2, 2, 3, 4])
-    final_pred = np.array([1, 0, 0, 0, 3, 0])
-    conflicting = np.array([False, False, True, False, True, False])
-    kinds = suspect(percentile=percentile, label=label, final_pred=final_pred,
-                    conflicting=conflicting)
+    # mislabel ranks by the mislabel score's percentile, atypical by curvature's
+    percentile = np.array([0.95, 0.95, 0.95, 0.5, 0.5, 0.9, 0.95, 0.2], np.float32)
+    mislabel_percentile = np.array([0.1, 0.95, 0.95, 0.5, 0.5, 0.9, 0.3, 0.97], np.float32)
+    label = np.array([1, 1, 2, 2, 3, 4, 5, 6])
+    final_pred = np.array([1, 0, 0, 0, 3, 0, 0, 0])
+    conflicting = np.array([False, False, True, False, True, False, False, False])
+    args = {"percentile": percentile, "mislabel_percentile": mislabel_percentile, "label": label,
+            "final_pred": final_pred}
+    kinds = suspect(**args, conflicting=conflicting)
     assert kinds.tolist() == ["atypical", "mislabel", "conflicting_duplicate", None,
-                              "conflicting_duplicate", "mislabel"]
-    no_search = suspect(percentile=percentile, label=label, final_pred=final_pred, conflicting=None)
+                              "conflicting_duplicate", "mislabel", None, "mislabel"]
+    no_search = suspect(**args, conflicting=None)
     assert no_search.tolist()[2] == "mislabel" and no_search.tolist()[4] is None
-    assert suspect(percentile=percentile, label=label, final_pred=final_pred, conflicting=None,
-                   threshold=0.96).tolist() == [None] * 6
-    assert is_suspected(kinds, "mislabel").tolist() == [False, True, False, False, False, True]
+    assert suspect(**args, conflicting=None, threshold=0.98).tolist() == [None] * 8
+    assert is_suspected(kinds, "mislabel").tolist() == [False, True, False, False, False, True,
+                                                        False, True]
+
+
+def test_the_mislabel_score_is_csl_or_the_final_loss_without_training_records():
+    columns = {"csl": np.array([3.0, 1.0, 2.0, 0.5]), "final_loss": np.array([0.1, 0.4, 0.3, 0.2])}
+    name, percentile = mislabel_score(columns)
+    assert name == "csl" and percentile.tolist() == [0.75, 0.25, 0.5, 0.0]
+    name, percentile = mislabel_score(columns | {"csl": np.zeros(4)}, training_records=False)
+    assert name == "final_loss" and percentile.tolist() == [0.0, 0.75, 0.5, 0.25]
 
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"label": np.zeros(3)}, r"label has shape \(3,\)"),
+    ({"mislabel_percentile": np.zeros(5)}, r"mislabel_percentile has shape \(5,\)"),
     ({"conflicting": np.zeros((6, 1), bool)}, r"conflicting has shape"),
     ({"threshold": 1.5}, r"threshold must be in \[0, 1\]"),
 ])
 def test_bad_arguments_are_one_line(change, message):
-    args = {"percentile": np.zeros(6), "label": np.zeros(6), "final_pred": np.zeros(6),
-            "conflicting": None} | change
+    args = {"percentile": np.zeros(6), "mislabel_percentile": np.zeros(6), "label": np.zeros(6),
+            "final_pred": np.zeros(6), "conflicting": None} | change
     with pytest.raises(ValueError, match=message):
         suspect(**args)
     with pytest.raises(ValueError, match="unknown kind 'typo'; valid: conflicting_duplicate"):

@@ -13,7 +13,7 @@ import pytest
 from raycurv.detection import evaluate_table
 from raycurv.serve.index import TableIndex
 from raycurv.serve.schemas import SampleRow
-from raycurv.suspected import suspect
+from raycurv.suspected import mislabel_score, suspect
 from raycurv.table import (
     CO_SCORE_FIELDS,
     METADATA_KEY,
@@ -71,14 +71,18 @@ def test_a_table_built_without_co_scores_is_a_1_0_table_read_with_null_co_scores
 
 def _with_suspected(n: int = 40) -> pa.Table:
     """A 1.2 table: the co-scores and ``suspected`` by raycurv.suspected's rule, samples 0 and 1
-    in a conflicting duplicate group."""
+    in a conflicting duplicate group, the final model wrong on the corrupted labels of odd samples."""
     base = _with_co_scores(n)
     columns = {name: base.column(name).to_numpy(zero_copy_only=False)
                for name in base.column_names if name not in ("rank", "percentile")}
     for name in ("duplicate_of", "forgetting_events", "learned_epoch"):
         columns[name] = base.column(name).fill_null(-1).to_numpy()
+    # the final model predicts the original class of the corrupted labels of odd samples
+    columns["final_pred"] = np.where(np.arange(n) % 2 == 1, columns["original_label"],
+                                     columns["label"]).astype(np.int32)
     columns["suspected"] = suspect(
-        percentile=base.column("percentile").to_numpy(), label=columns["label"],
+        percentile=base.column("percentile").to_numpy(),
+        mislabel_percentile=mislabel_score(columns)[1], label=columns["label"],
         final_pred=columns["final_pred"], conflicting=np.arange(n) < 2)
     return build_table(columns, read_metadata(base))
 
@@ -90,10 +94,13 @@ def test_suspected_is_a_1_2_string_column_served_as_text_or_null():
     values = table.column("suspected").to_pylist()
     assert values[:2] == ["conflicting_duplicate"] * 2 and None in values
     percentile = table.column("percentile").to_numpy()
+    csl = table.column("csl").to_numpy()
     agrees = table.column("final_pred").to_numpy() == table.column("label").to_numpy()
     for k in range(2, len(values)):
-        expected = (None if percentile[k] < np.float32(0.9)
-                    else "atypical" if agrees[k] else "mislabel")
+        if agrees[k]:  # atypical: curvature's top 10 %
+            expected = "atypical" if percentile[k] >= np.float32(0.9) else None
+        else:  # mislabel: csl's top 10 % (at least 90 % of the samples have a lower csl)
+            expected = "mislabel" if (csl < csl[k]).mean() >= 0.9 else None
         assert values[k] == expected, k
     index = TableIndex.from_table(table, run="s", path="s.parquet")
     rows = json.loads(index.rows_json(np.arange(len(values))))

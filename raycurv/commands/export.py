@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", metavar="PATH",
                         help="file (folder for fiftyone), a path or a URI (default: RUN/exports/...)")
     parser.add_argument("--threshold", type=finite_float, default=None, metavar="P",
-                        help="curvature percentile from which a sample predicted as another class "
-                             "is a label issue (default 0.9)")
+                        help="percentile of the mislabel score (csl) from which a sample predicted "
+                             "as another class is a label issue (default 0.9)")
 
 
 def run(args: argparse.Namespace) -> int:

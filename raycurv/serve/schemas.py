@@ -63,7 +63,7 @@ class SampleRow(BaseModel):
     suspected: Literal[KINDS] | None = Field(default=None, description=(
         "what the sample stands out as (null: nothing, or a table older than 1.2): "
         "conflicting_duplicate (in a duplicate group whose labels disagree), mislabel (high "
-        "curvature and the final model predicts another class), atypical (high curvature, the "
+        "csl and the final model predicts another class), atypical (high curvature, the "
         "model agrees with its label); the rule: the run's metadata, suspected.rule"))
 
 
