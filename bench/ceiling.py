@@ -14,7 +14,10 @@ ranking p_y explains, and where the two part:
   pooled). Close to the loss's AUROC: the part of curvature that follows confidence ranks as
   the loss does, and what curvature loses against it is its spread at a given confidence;
 - the same per scored epoch, from the loss each epoch's model recorded, with the number of
-  clean samples that epoch's model gives p_y < 0.5;
+  clean samples that epoch's model gives p_y < 0.5, and whether the spread persists: the
+  correlation of each sample's spread (log curvature over curvature through p_y) between one
+  scored epoch and the next, and its standard deviation in one epoch against that of its mean
+  over the epochs (averaging epochs removes only the part that does not persist);
 - per p_y range: clean (neither corrupted nor an injected copy) and corrupted samples, the
   median curvature percentile of each, and curvature's AUROC within the range (does it
   separate samples the model is equally sure of?);
@@ -120,20 +123,31 @@ def epoch_losses(folder, n: int) -> dict[int, np.ndarray]:
     return out
 
 
-def by_epoch(folder, table, positives: np.ndarray, clean: np.ndarray, bins: int) -> list[dict]:
-    """Per scored epoch: curvature's, the loss's and curvature-through-p_y's mislabel AUROC, and
-    how many clean samples that epoch's model gives p_y < 0.5."""
+def by_epoch(folder, table, positives: np.ndarray, clean: np.ndarray,
+             bins: int) -> tuple[list[dict], dict]:
+    """Per scored epoch: curvature's, the loss's and curvature-through-p_y's mislabel AUROC, how
+    many clean samples that epoch's model gives p_y < 0.5, and how its spread (log of curvature
+    over curvature through p_y) correlates with the next scored epoch's; and over the epochs,
+    the spread's standard deviation in one epoch (mean over epochs) and of its mean over the
+    epochs: close together when the spread is a property of the sample, not of one epoch."""
     losses = epoch_losses(folder, len(table))
     ids = table.column("sample_id").to_numpy()
-    rows = []
+    rows, spreads = [], []
     for epoch, loss in losses.items():
         curvature, _ = epoch_window(folder.iter_by_epoch(), ids, epoch, epoch + 1)
         p_y = np.exp(-loss)
+        through = through_confidence(curvature, p_y, bins)
+        spreads.append(np.log(np.maximum(curvature, 1e-30) / np.maximum(through, 1e-30)))
         rows.append({"epoch": epoch, "unsure_clean": int(((p_y < 0.5) & clean).sum()),
                      **{name: float(detection(values, positives)["auroc"]) for name, values in (
                          ("curvature", curvature), ("loss", loss),
-                         ("curvature_through_p_y", through_confidence(curvature, p_y, bins)))}})
-    return rows
+                         ("curvature_through_p_y", through))}})
+    for row, now, following in zip(rows, spreads, spreads[1:], strict=False):
+        row["spread_corr_next"] = float(np.corrcoef(now, following)[0, 1])
+    persistence = {} if not spreads else {
+        "spread_std_one_epoch": float(np.mean([s.std() for s in spreads])),
+        "spread_std_of_mean": float(np.mean(spreads, axis=0).std())}
+    return rows, persistence
 
 
 def analyze(run: str, *, bins: int, reference: str | None = None, top_k: float = 0.1) -> dict:
@@ -166,6 +180,7 @@ def analyze(run: str, *, bins: int, reference: str | None = None, top_k: float =
         return out
     corrupted = found["corrupted"][0]
     clean = ~corrupted & ~found["duplicate"][0]  # neither corrupted nor an injected copy
+    epochs, persistence = by_epoch(folder, table, corrupted, clean, bins)
     fp = {name: false_positives(values, corrupted, clean)
           for name, values in (("curvature_last_epoch", curv_last), ("final_loss", loss))}
     pairs = collections.Counter(
@@ -173,7 +188,7 @@ def analyze(run: str, *, bins: int, reference: str | None = None, top_k: float =
         f"{names[labels[i]]} (predicted right)" for i in fp["curvature_last_epoch"])
     return {
         **out, "corrupted": int(corrupted.sum()), "auroc": auroc,
-        "by_epoch": by_epoch(folder, table, corrupted, clean, bins),
+        "by_epoch": epochs, "spread_persistence": persistence,
         "by_p_y": by_range(curv_last, p_y, corrupted, clean),
         "top_k_clean": {name: {"count": int(len(idx)),
                                "median_p_y": float(np.median(p_y[idx])) if len(idx) else None,
@@ -209,9 +224,14 @@ def report(r: dict) -> str:
             f"{pair} {n}" for pair, n in r["top_k_clean_pairs"]))
     if r.get("by_epoch"):
         lines += ["", "epoch  clean samples with p_y < 0.5  mislabel AUROC: curvature  loss  "
-                      "curvature through p_y"]
+                      "curvature through p_y  spread's correlation with the next epoch's"]
         lines += [f"{e['epoch']:>5} {e['unsure_clean']:>29} {e['curvature']:>26.4f} "
-                  f"{e['loss']:>5.4f} {e['curvature_through_p_y']:>22.4f}" for e in r["by_epoch"]]
+                  f"{e['loss']:>5.4f} {e['curvature_through_p_y']:>22.4f} "
+                  f"{fmt(e.get('spread_corr_next'), '.2f'):>44}" for e in r["by_epoch"]]
+        p = r["spread_persistence"]
+        lines.append(f"spread (log curvature / curvature through p_y): std in one epoch "
+                     f"{p['spread_std_one_epoch']:.3f}, std of its mean over the epochs "
+                     f"{p['spread_std_of_mean']:.3f}")
     if "agreement" in r:
         lines += ["", f"{'agreement with the reference':<28} {'cosine':>7} {'top-k cos':>9} "
                       f"{'Pearson':>8} {'Spearman':>8} {'top-k overlap':>13}"]

@@ -90,6 +90,12 @@ def test_ceiling_reads_a_stored_run_and_its_figures_match_evaluate(digits_run):
     assert found["by_epoch"][-1]["loss"] == pytest.approx(auroc["final_loss"])
     assert found["by_epoch"][-1]["curvature"] == pytest.approx(auroc["curvature_last_epoch"])
     assert 0.5 < auroc["curvature_last_epoch"] <= 1.0
+    # the spread's persistence: a correlation for every epoch but the last, and averaging over
+    # the epochs cannot widen it (the mean of vectors is no longer than their mean length)
+    corr = [e.get("spread_corr_next") for e in found["by_epoch"]]
+    assert corr[-1] is None and all(-1 <= c <= 1 for c in corr[:-1])
+    persistence = found["spread_persistence"]
+    assert 0 < persistence["spread_std_of_mean"] <= persistence["spread_std_one_epoch"]
 
 
 def test_ceiling_agreement_matches_evaluate_on_a_stored_run_and_reference(tmp_path):

@@ -18,7 +18,7 @@ from raycurv.data import prepare_dataset
 from raycurv.data.transforms import to_input
 from raycurv.models import build_model
 from raycurv.runfolder import RunFolder
-from raycurv.table import read_metadata
+from raycurv.table import rank_and_percentile, read_metadata
 
 EPOCHS = 3
 SEED = 5
@@ -91,6 +91,15 @@ def test_plain_state_dicts_reproduce_curvature_and_say_csl_is_absent(kept_run, t
     assert scored["table"].column("learned_epoch").null_count == LIMIT
     assert scored["meta"]["training_records"] is False
     assert RunFolder(str(again)).read_record()["training_records"] is False
+    # suspected's mislabel kind ranks by the final loss where csl is 0
+    assert scored["meta"]["suspected"]["mislabel_score"] == "final_loss"
+    table = scored["table"]
+    wrong = (table.column("final_pred").to_numpy() != table.column("label").to_numpy())
+    loss_high = rank_and_percentile(table.column("final_loss").to_numpy())[1] >= np.float32(0.9)
+    suspected = np.asarray(table.column("suspected").to_pylist(), dtype=object)
+    mislabel = suspected == "mislabel"
+    np.testing.assert_array_equal(mislabel, wrong & loss_high & (suspected != "conflicting_duplicate"))
+    assert mislabel.any()
 
 
 def _train_with_recorder(folder, data, *, epochs: int) -> np.ndarray:

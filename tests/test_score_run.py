@@ -53,8 +53,8 @@ def test_table_follows_the_contract(digits_run):
     agrees = df["final_pred"] == df["label"]
     csl_high = (df["csl"].rank(method="min") - 1) / len(df) >= np.float32(0.9)
     expected = np.where(~agrees & csl_high, "mislabel",
-                        np.where(agrees & (df["percentile"] >= np.float32(0.9)), "atypical", None))
-    assert df["suspected"].tolist() == expected.tolist()
+                        np.where(agrees & (df["percentile"] >= np.float32(0.9)), "atypical", "-"))
+    assert df["suspected"].fillna("-").tolist() == expected.tolist()
     assert (df["suspected"] == "mislabel").sum() > 30  # most of the 60 corrupted labels
     assert np.isfinite(df["aum"]).all() and df["margin"].between(-1, 1).all()
     assert df["forgetting_events"].between(0, EPOCHS - 1).all()
