@@ -15,7 +15,13 @@ from raycurv.detection import SCORES, evaluate_table, flagging_scores, suspected
 from raycurv.errors import UsageError
 from raycurv.rundata import load_run_data
 from raycurv.runfolder import BY_EPOCH_FILE, RunFolder, read_run_scores
-from raycurv.table import TableError, rank_and_percentile, read_metadata, with_optional_columns
+from raycurv.table import (
+    TableError,
+    has_training_records,
+    rank_and_percentile,
+    read_metadata,
+    with_optional_columns,
+)
 
 TARGET_TITLES = {"corrupted": "corrupted labels", "duplicate": "duplicates vs clean"}
 
@@ -204,7 +210,7 @@ def collect_metrics(table: pa.Table, *, reference: pa.Table | None = None, top_k
     """Detection metrics of ``table``, plus agreement with ``reference`` and duplicate-group
     metrics of ``dups`` (raycurv.duplicates.Duplicates) where given."""
     metrics = evaluate_table(table)
-    if not read_metadata(table).get("training_records", True):  # scored checkpoints: csl is 0
+    if not has_training_records(read_metadata(table)):  # scored checkpoints: csl is 0
         for by_score in metrics["detection"].values():
             by_score.pop("csl", None)
     if "suspected" in table.column_names and table.column("suspected").null_count < table.num_rows:

@@ -38,7 +38,7 @@ from raycurv.suspected import CONFLICTING_DUPLICATE, MISLABEL, mislabel_score, s
 from raycurv.suspected import (
     DEFAULT_THRESHOLD as DEFAULT_THRESHOLD,  # the export's default: the rule's
 )
-from raycurv.table import read_metadata
+from raycurv.table import has_training_records, read_metadata
 
 EXPORTS_DIR = "exports"  # under the run folder: where an export goes unless told otherwise
 ISSUE_RULE = ("is_label_issue = suspected is mislabel (the mislabel score's percentile >= "
@@ -91,7 +91,7 @@ def cleanlab_table(table: pa.Table, *, threshold: float) -> pa.Table:
                 if "suspected" in table.column_names else None)
     _, mislabel = mislabel_score(
         {name: table.column(name).to_numpy() for name in ("csl", "final_loss")},
-        training_records=read_metadata(table).get("training_records", True))
+        training_records=has_training_records(read_metadata(table)))
     kinds = suspect(percentile=table.column("percentile").to_numpy(), mislabel_percentile=mislabel,
                     label=table.column("label").to_numpy(),
                     final_pred=table.column("final_pred").to_numpy(),

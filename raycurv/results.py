@@ -22,7 +22,7 @@ from raycurv.data.plane import StoreImages
 from raycurv.progress import phase
 from raycurv.runfolder import RunFolder, shard_epoch_file
 from raycurv.suspected import DEFAULT_THRESHOLD, mislabel_score, rule_metadata, suspect
-from raycurv.table import BY_EPOCH_SCHEMA, build_table, rank_and_percentile
+from raycurv.table import BY_EPOCH_SCHEMA, build_table, has_training_records, rank_and_percentile
 
 if TYPE_CHECKING:  # Ray and torch: not needed to write tables
     from raycurv.actors import Merged
@@ -63,7 +63,7 @@ def write_results(spec: ScoreSpec, data: Prepared, merged: Merged, *,
     write_by_epoch(folders, merged, data.sample_ids, epochs=spec.train.epochs)
     conflicting, near = conflicting_duplicates(spec, data)
     mislabel, mislabel_percentile = mislabel_score(
-        merged.columns, training_records=(extra_metadata or {}).get("training_records", True))
+        merged.columns, training_records=has_training_records(extra_metadata or {}))
     tables = {}
     for k, (estimator, folder) in enumerate(zip(estimators, folders, strict=True)):
         columns = {**merged.columns, "curvature": merged.curvature[k],

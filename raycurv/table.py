@@ -144,6 +144,12 @@ def read_metadata(table_or_schema: pa.Table | pa.Schema) -> dict[str, Any]:
         raise TableError(f"raycurv metadata is not JSON: {exc}") from None
 
 
+def has_training_records(metadata: dict[str, Any]) -> bool:
+    """Whether a table's csl and co-scores come from training records: false only for a run that
+    scored checkpoints without them (its metadata's ``training_records``; csl 0, co-scores null)."""
+    return bool(metadata.get("training_records", True))
+
+
 def _unique(ids: np.ndarray) -> bool:
     """No repeated value; O(N) for the usual strictly increasing ids, else one sort."""
     if len(ids) < 2 or np.all(ids[1:] > ids[:-1]):
