@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from raycurv.data.sharding import actor_shards, scoring_batches
 from raycurv.data.transforms import to_input
 from raycurv.dynamics import CO_SCORES, TRAINING_RECORDS, co_scores
 from raycurv.metrics import record_scoring
+from raycurv.model_instance import ModelInstance
 from raycurv.models import ModelChoice, build_model
 from raycurv.runfolder import RunFolder, legacy_shard_state, shard_epoch_file, shard_epoch_files
 from raycurv.scoring_model import ScoringModel, prepare_for_scoring
@@ -216,7 +217,9 @@ class CurvatureActor:
 
     The shard's data comes with every call, as ``[ref]`` (a nested ref, fetched on first use
     only), not as a constructor argument: Ray cannot keep a restartable actor's constructor
-    arguments alive (ray-project/ray#53727), while a retried call brings its ref along."""
+    arguments alive (ray-project/ray#53727), while a retried call brings its ref along. A model
+    instance travels the same way: the shard's data holds a ref to it (put once for all shards),
+    and the spec the constructor gets names it only."""
 
     def __init__(self, spec: ShardSpec, run: str):
         self.spec, self.run, self.scorer = spec, run, None
@@ -226,6 +229,8 @@ class CurvatureActor:
         prepared dataset (raycurv.data.plane.Store) whose rows of this shard are streamed."""
         if self.scorer is None:
             spec, data = self.spec, ray.get(shard[0])
+            if "model" in data:  # a packed nn.Module instance, put in the object store once
+                spec = replace(spec, model=ray.get(data["model"]))
             if "store" in data:
                 store = data["store"]
                 ids = store.read_rows(spec.start, spec.stop, columns=("sample_id", "label"))
@@ -297,19 +302,23 @@ def shard_specs(spec: ScoreSpec, data: Prepared) -> list[ShardSpec]:
 
 
 def start_pool(spec: ScoreSpec, data: Prepared) -> CurvaturePool:
-    """Create the curvature actors, each with only its shard's images in the object store."""
+    """Create the curvature actors, each with only its shard's images in the object store, and a
+    model instance there once for all of them (CurvatureActor says why not in their specs)."""
     outside = outside_placement_groups()
     c = spec.curvature
+    instance = spec.train.model if isinstance(spec.train.model, ModelInstance) else None
+    model = {} if instance is None else {"model": ray.put(instance)}
     actors, refs = [], []
     for shard_spec in shard_specs(spec, data):
         start, stop = shard_spec.start, shard_spec.stop
-        shard = ray.put({"store": data.store} if data.images is None else
+        shard = ray.put({**model, **({"store": data.store} if data.images is None else
                         {"images": data.images[start:stop], "labels": data.labels[start:stop],
-                         "sample_ids": data.sample_ids[start:stop]})
+                         "sample_ids": data.sample_ids[start:stop]})})
         refs.append(shard)
+        named = shard_spec if instance is None else replace(shard_spec, model=str(instance))
         actors.append(CurvatureActor.options(num_cpus=c.actor_cpus, num_gpus=c.actor_gpus,
                                              scheduling_strategy=outside)
-                      .remote(shard_spec, spec.run_name))
+                      .remote(named, spec.run_name))
     return CurvaturePool(actors=actors, max_lag=c.max_lag, shard_refs=refs)
 
 

@@ -130,3 +130,36 @@ def test_run_metrics_are_exported_through_ray(digits_run):
     # series of finished workers expire after a while; the latest runs (4 epochs each) remain
     assert 4.0 in [s.value for s in samples["ray_raycurv_train_epoch"]]
     assert any(s.labels.get("shard") == "0" for s in samples["ray_raycurv_scoring_samples_per_second"])
+
+
+def test_an_instance_model_reaches_restarted_actors_through_one_object(ray_cluster, tmp_path, capfd):
+    """A model instance (here 1.5 MB pickled) goes into the object store once, referred to by each
+    shard's data, not as an actor constructor argument: Ray cannot keep a restartable actor's
+    constructor arguments alive (ray-project/ray#53727, and its warning on stderr). An actor
+    killed and restarted builds the model again from it."""
+    import ray
+
+    from raycurv.actors import start_pool
+    from raycurv.config import CurvatureSpec, DataSpec, ScoreSpec, TrainSpec
+    from raycurv.data import prepare_dataset
+    from raycurv.models import SmallCNN, pack_instance
+
+    model = pack_instance(SmallCNN(1, 10, width=64))
+    assert len(model.pickled) > 1_000_000
+    spec = ScoreSpec(seed=0, run_dir=str(tmp_path / "pool"),
+                     data=DataSpec(dataset="digits", limit=200),
+                     train=TrainSpec(epochs=2, model=model),
+                     curvature=CurvatureSpec(actors=2, batch_size=100))
+    pool = start_pool(spec, prepare_dataset(spec.data, seed=0))
+    try:
+        first = [actor.pid.remote() for actor in pool.actors]
+        assert ray.get([actor.scored_epochs.remote([shard])  # each builds the model from the ref
+                        for actor, shard in zip(pool.actors, pool.shard_refs, strict=True)]) == [[], []]
+        os.kill(ray.get(first[0]), signal.SIGKILL)
+        ray.get(pool.submit(0, SmallCNN(1, 10, width=64).state_dict(),
+                            {"train_loss": np.ones(200, np.float32)}), timeout=120)
+        assert ray.get(pool.actors[0].scored_epochs.remote([pool.shard_refs[0]])) == [0]
+        assert ray.get(pool.actors[0].pid.remote()) != ray.get(first[0])
+    finally:
+        pool.shutdown()
+    assert "constructor arguments in the object store" not in capfd.readouterr().err
