@@ -17,7 +17,8 @@ ranking p_y explains, and where the two part:
   clean samples that epoch's model gives p_y < 0.5, and whether the spread persists: the
   correlation of each sample's spread (log curvature over curvature through p_y) between one
   scored epoch and the next, and its standard deviation in one epoch against that of its mean
-  over the epochs (averaging epochs removes only the part that does not persist);
+  over the epochs (averaging epochs removes only the part that does not persist), and the
+  AUROC of curvature, curvature through p_y and the loss, each averaged over the epochs;
 - per p_y range: clean (neither corrupted nor an injected copy) and corrupted samples, the
   median curvature percentile of each, and curvature's AUROC within the range (does it
   separate samples the model is equally sure of?);
@@ -133,10 +134,14 @@ def by_epoch(folder, table, positives: np.ndarray, clean: np.ndarray,
     losses = epoch_losses(folder, len(table))
     ids = table.column("sample_id").to_numpy()
     rows, spreads = [], []
+    sums = {name: np.zeros(len(table)) for name in ("curvature", "curvature_through_p_y", "loss")}
     for epoch, loss in losses.items():
         curvature, _ = epoch_window(folder.iter_by_epoch(), ids, epoch, epoch + 1)
         p_y = np.exp(-loss)
         through = through_confidence(curvature, p_y, bins)
+        for name, values in (("curvature", curvature), ("curvature_through_p_y", through),
+                             ("loss", loss)):
+            sums[name] += values
         spreads.append(np.log(np.maximum(curvature, 1e-30) / np.maximum(through, 1e-30)))
         rows.append({"epoch": epoch, "unsure_clean": int(((p_y < 0.5) & clean).sum()),
                      **{name: float(detection(values, positives)["auroc"]) for name, values in (
@@ -146,7 +151,11 @@ def by_epoch(folder, table, positives: np.ndarray, clean: np.ndarray,
         row["spread_corr_next"] = float(np.corrcoef(now, following)[0, 1])
     persistence = {} if not spreads else {
         "spread_std_one_epoch": float(np.mean([s.std() for s in spreads])),
-        "spread_std_of_mean": float(np.mean(spreads, axis=0).std())}
+        "spread_std_of_mean": float(np.mean(spreads, axis=0).std()),
+        # each per-epoch score summed over the epochs (the order of the mean): the run's
+        # curvature, what it would score without its spread, and the eval loss's csl
+        "auroc_over_epochs": {name: float(detection(total, positives)["auroc"])
+                              for name, total in sums.items()}}
     return rows, persistence
 
 
@@ -232,6 +241,8 @@ def report(r: dict) -> str:
         lines.append(f"spread (log curvature / curvature through p_y): std in one epoch "
                      f"{p['spread_std_one_epoch']:.3f}, std of its mean over the epochs "
                      f"{p['spread_std_of_mean']:.3f}")
+        lines.append("mislabel AUROC of the mean over the epochs: " + ", ".join(
+            f"{name} {value:.4f}" for name, value in p["auroc_over_epochs"].items()))
     if "agreement" in r:
         lines += ["", f"{'agreement with the reference':<28} {'cosine':>7} {'top-k cos':>9} "
                       f"{'Pearson':>8} {'Spearman':>8} {'top-k overlap':>13}"]

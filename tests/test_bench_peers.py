@@ -96,6 +96,8 @@ def test_ceiling_reads_a_stored_run_and_its_figures_match_evaluate(digits_run):
     assert corr[-1] is None and all(-1 <= c <= 1 for c in corr[:-1])
     persistence = found["spread_persistence"]
     assert 0 < persistence["spread_std_of_mean"] <= persistence["spread_std_one_epoch"]
+    # summed over the scored epochs (all of them here), curvature ranks as the table's does
+    assert persistence["auroc_over_epochs"]["curvature"] == pytest.approx(auroc["curvature_run"])
 
 
 def test_ceiling_agreement_matches_evaluate_on_a_stored_run_and_reference(tmp_path):
