@@ -130,7 +130,8 @@ def by_epoch(folder, table, positives: np.ndarray, clean: np.ndarray,
     many clean samples that epoch's model gives p_y < 0.5, and how its spread (log of curvature
     over curvature through p_y) correlates with the next scored epoch's; and over the epochs,
     the spread's standard deviation in one epoch (mean over epochs) and of its mean over the
-    epochs: close together when the spread is a property of the sample, not of one epoch."""
+    epochs (close together when the spread is a property of the sample, not of one epoch), and
+    the AUROC of curvature, curvature through p_y and the loss averaged over the epochs."""
     losses = epoch_losses(folder, len(table))
     ids = table.column("sample_id").to_numpy()
     rows, spreads = [], []
