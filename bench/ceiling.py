@@ -13,8 +13,8 @@ ranking p_y explains, and where the two part:
   samples with a p_y close to its own (``--bins`` quantile bins of p_y, corrupted and clean
   pooled). Close to the loss's AUROC: the part of curvature that follows confidence ranks as
   the loss does, and what curvature loses against it is its spread at a given confidence;
-- the same per scored epoch, from the loss each epoch's model recorded, with the number of
-  clean samples that epoch's model gives p_y < 0.5, and whether the spread persists: the
+- the same per scored epoch, from each epoch's loss in the run's per-epoch table, with the
+  number of clean samples that epoch's model gives p_y < 0.5, and whether the spread persists: the
   correlation of each sample's spread (log curvature over curvature through p_y) between one
   scored epoch and the next, and its standard deviation in one epoch against that of its mean
   over the epochs (averaging epochs removes only the part that does not persist), and the
@@ -45,13 +45,11 @@ import sys
 import numpy as np
 from scipy.stats import spearmanr
 
-from raycurv import storage
 from raycurv.agreement import agreement, join_reference, top_k_count
 from raycurv.class_names import class_names
 from raycurv.detection import detection, targets
 from raycurv.evaluate import epoch_window, load_run_table, read_epoch_window
 from raycurv.reference import read_reference
-from raycurv.runfolder import shard_epoch_files
 from raycurv.table import rank_and_percentile, read_metadata
 
 RANGES = (0.0, 0.05, 0.2, 0.5, 0.8, 0.95, 1.0)  # p_y ranges of the per-range table
@@ -103,25 +101,21 @@ def agreement_through_confidence(table, reference: str, scores: dict[str, np.nda
     return {name: agreement(values[rows], mem, k) for name, values in scores.items()}
 
 
-def epoch_losses(folder, n: int) -> dict[int, np.ndarray]:
-    """Epoch -> (N,) eval-mode loss of that epoch's model on every sample (sample_id order), from
-    the curvature actors' per-epoch records (raycurv.actors: each scored epoch records the loss
-    of the model it scored; shard k holds positions start..stop in order). Epochs some shard has
-    no loss for are left out."""
-    per_shard, index = [], 0
-    while True:
-        files = shard_epoch_files(folder.shard_state(index))
-        if not files:
-            break
-        per_shard.append({epoch: (storage.read_npz(location) or {}).get("final_loss")
-                          for epoch, location in files.items()})
-        index += 1
-    out = {}
-    for epoch in sorted(set.intersection(*(set(s) for s in per_shard)) if per_shard else ()):
-        parts = [s[epoch] for s in per_shard]
-        if all(p is not None for p in parts) and sum(len(p) for p in parts) == n:
-            out[epoch] = np.concatenate(parts).astype(np.float64)
-    return out
+def epoch_losses(folder, sample_ids: np.ndarray) -> dict[int, np.ndarray]:
+    """Epoch -> (N,) loss of the model scored at that epoch on every sample (``sample_ids``
+    order), from the run's per-epoch table; epochs some sample has no loss for are left out,
+    and all of them where the table holds no loss (a run written before it did)."""
+    batches = folder.iter_epoch_losses() or []
+    out: dict[int, np.ndarray] = {}
+    for batch in batches:
+        epochs = batch.column("epoch").to_numpy()
+        ids = batch.column("sample_id").to_numpy()
+        loss = batch.column("loss").to_numpy(zero_copy_only=False).astype(np.float64)  # null: NaN
+        for epoch in np.unique(epochs):
+            at = epochs == epoch
+            values = out.setdefault(int(epoch), np.full(len(sample_ids), np.nan))
+            values[np.searchsorted(sample_ids, ids[at])] = loss[at]
+    return {epoch: values for epoch, values in sorted(out.items()) if not np.isnan(values).any()}
 
 
 def by_epoch(folder, table, positives: np.ndarray, clean: np.ndarray,
@@ -132,8 +126,8 @@ def by_epoch(folder, table, positives: np.ndarray, clean: np.ndarray,
     the spread's standard deviation in one epoch (mean over epochs) and of its mean over the
     epochs (close together when the spread is a property of the sample, not of one epoch), and
     the AUROC of curvature, curvature through p_y and the loss averaged over the epochs."""
-    losses = epoch_losses(folder, len(table))
     ids = table.column("sample_id").to_numpy()
+    losses = epoch_losses(folder, ids)
     rows, spreads = [], []
     sums = {name: np.zeros(len(table)) for name in ("curvature", "curvature_through_p_y", "loss")}
     for epoch, loss in losses.items():
@@ -232,6 +226,9 @@ def report(r: dict) -> str:
                          f"p_y {fmt(fp['median_p_y'], '.3f')}; predicted right: {fp['right']})")
         lines.append("curvature's, by (label, prediction): " + ", ".join(
             f"{pair} {n}" for pair, n in r["top_k_clean_pairs"]))
+    if "by_epoch" in r and not r["by_epoch"]:
+        lines += ["", "per-epoch figures left out: the run's per-epoch table holds no loss "
+                      "(written before raycurv recorded it)"]
     if r.get("by_epoch"):
         lines += ["", "epoch  clean samples with p_y < 0.5  mislabel AUROC: curvature  loss  "
                       "curvature through p_y  spread's correlation with the next epoch's"]

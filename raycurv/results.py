@@ -22,7 +22,12 @@ from raycurv.data.plane import StoreImages
 from raycurv.progress import phase
 from raycurv.runfolder import RunFolder, shard_epoch_file
 from raycurv.suspected import DEFAULT_THRESHOLD, mislabel_score, rule_metadata, suspect
-from raycurv.table import BY_EPOCH_SCHEMA, build_table, has_training_records, rank_and_percentile
+from raycurv.table import (
+    BY_EPOCH_WRITE_SCHEMA,
+    build_table,
+    has_training_records,
+    rank_and_percentile,
+)
 
 if TYPE_CHECKING:  # Ray and torch: not needed to write tables
     from raycurv.actors import Merged
@@ -109,11 +114,12 @@ def _conflicting(images, labels: np.ndarray, scale: float, threshold: float) -> 
 
 def write_by_epoch(folders: list[RunFolder], merged: Merged, sample_ids: np.ndarray, *,
                    epochs: int, rows_per_group: int = 1 << 20) -> None:
-    """Each estimator's (sample_id, epoch, curvature) rows of every scored epoch, epoch by epoch
-    and in sample order within one, read from the shards' per-epoch records and streamed into
-    ``folders[k]``'s per-epoch table: one shard's epoch is in memory at a time."""
+    """Each estimator's (sample_id, epoch, curvature, loss) rows of every scored epoch, epoch by
+    epoch and in sample order within one, read from the shards' per-epoch records and streamed
+    into ``folders[k]``'s per-epoch table: one shard's epoch is in memory at a time. ``loss``:
+    the scored model's loss on the sample (the same for every estimator)."""
     with contextlib.ExitStack() as stack:
-        writers = [stack.enter_context(storage.parquet_writer(f.by_epoch, BY_EPOCH_SCHEMA))
+        writers = [stack.enter_context(storage.parquet_writer(f.by_epoch, BY_EPOCH_WRITE_SCHEMA))
                    for f in folders]
         pending: list[list[pa.Table]] = [[] for _ in folders]
         for epoch in range(epochs):
@@ -123,12 +129,15 @@ def write_by_epoch(folders: list[RunFolder], merged: Merged, sample_ids: np.ndar
                 record = storage.read_npz(shard_epoch_file(state, epoch))
                 if record is None:
                     continue
+                loss = record.get("final_loss")  # (n,): the model scored at this epoch
                 for k, values in enumerate(record["curvature"]):  # (n,) per estimator
                     keep = np.flatnonzero(~np.isnan(values))
                     pending[k].append(pa.Table.from_arrays(
                         [pa.array(sample_ids[start:stop][keep]),
                          pa.array(np.full(len(keep), epoch, np.int32)),
-                         pa.array(values[keep].astype(np.float32))], schema=BY_EPOCH_SCHEMA))
+                         pa.array(values[keep].astype(np.float32)),
+                         pa.nulls(len(keep), pa.float32()) if loss is None else
+                         pa.array(loss[keep].astype(np.float32))], schema=BY_EPOCH_WRITE_SCHEMA))
             for k, writer in enumerate(writers):
                 if sum(len(t) for t in pending[k]) >= rows_per_group:
                     writer.write_table(pa.concat_tables(pending[k]), row_group_size=rows_per_group)

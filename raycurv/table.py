@@ -69,6 +69,10 @@ BY_EPOCH_SCHEMA = pa.schema(
         pa.field("curvature", pa.float32(), nullable=False),
     ]
 )
+# What a scoring run writes: the columns above, then the loss (cross entropy on the label) of the
+# model scored at that epoch, null where a shard did not record it. Readers of curvature select
+# BY_EPOCH_SCHEMA's columns, so a file written before the loss column reads the same.
+BY_EPOCH_WRITE_SCHEMA = BY_EPOCH_SCHEMA.append(pa.field("loss", pa.float32(), nullable=True))
 
 
 class TableError(ValueError):

@@ -85,7 +85,7 @@ def test_ceiling_reads_a_stored_run_and_its_figures_match_evaluate(digits_run):
     assert auroc["curvature_run"] == pytest.approx(figures_["curvature"]["auroc"])
     assert found["corrupted"] == sum(r["corrupted"] for r in found["by_p_y"]) > 0
     assert found["samples"] == sum(r["clean"] + r["corrupted"] for r in found["by_p_y"])
-    # every epoch's loss comes from the actors' records: the last one is the table's final loss
+    # every epoch's loss comes from the run's per-epoch table: the last one is the final loss
     assert [e["epoch"] for e in found["by_epoch"]] == list(range(DIGITS_EPOCHS))
     assert found["by_epoch"][-1]["loss"] == pytest.approx(auroc["final_loss"])
     assert found["by_epoch"][-1]["curvature"] == pytest.approx(auroc["curvature_last_epoch"])
@@ -101,7 +101,7 @@ def test_ceiling_reads_a_stored_run_and_its_figures_match_evaluate(digits_run):
 
 
 def test_ceiling_agreement_matches_evaluate_on_a_stored_run_and_reference(tmp_path):
-    from bench.ceiling import analyze, main
+    from bench.ceiling import analyze, main, report
     from raycurv.agreement import evaluate_reference
     from raycurv.reference import read_reference
     from raycurv.runfolder import read_run_scores
@@ -118,6 +118,8 @@ def test_ceiling_agreement_matches_evaluate_on_a_stored_run_and_reference(tmp_pa
     assert found["agreement"]["curvature_last_epoch"]["spearman"] == pytest.approx(
         expected["curvature"]["spearman"])
     assert set(found["auroc"]) == {"corrupted", "duplicate"}
+    # its per-epoch table, as raycurv wrote them before the loss column: no per-epoch figures
+    assert found["by_epoch"] == [] and "per-epoch figures left out" in report(found)
     assert main([str(run_dir), "--reference", ref, "--bins", "5"]) == 0
     with pytest.raises(SystemExit) as exc:
         main([str(run_dir), "--bins", "1"])

@@ -71,6 +71,13 @@ def test_per_epoch_table_averages_to_the_score(digits_run):
     mean = per_epoch.groupby("sample_id")["curvature"].mean()
     scores = pq.read_table(digits_run / "scores.parquet").to_pandas().set_index("sample_id")
     np.testing.assert_allclose(scores["curvature"], mean.loc[scores.index], rtol=1e-5)
+    # each epoch's loss of the model scored then: the last epoch's is the table's final loss,
+    # and training lowers it
+    assert per_epoch["loss"].notna().all() and (per_epoch["loss"] >= 0).all()
+    last = per_epoch[per_epoch["epoch"] == EPOCHS - 1].set_index("sample_id")["loss"]
+    np.testing.assert_allclose(last.loc[scores.index], scores["final_loss"], rtol=1e-6)
+    by_epoch = per_epoch.groupby("epoch")["loss"].mean()
+    assert by_epoch[EPOCHS - 1] < by_epoch[0]
 
 
 def test_curvature_finds_the_corrupted_labels(digits_run, capsys):
