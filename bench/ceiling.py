@@ -48,7 +48,7 @@ from scipy.stats import spearmanr
 from raycurv.agreement import agreement, join_reference, top_k_count
 from raycurv.class_names import class_names
 from raycurv.detection import detection, targets
-from raycurv.evaluate import epoch_window, load_run_table, read_epoch_window
+from raycurv.evaluate import load_run_table, read_epoch_window
 from raycurv.reference import read_reference
 from raycurv.table import rank_and_percentile, read_metadata
 
@@ -101,21 +101,23 @@ def agreement_through_confidence(table, reference: str, scores: dict[str, np.nda
     return {name: agreement(values[rows], mem, k) for name, values in scores.items()}
 
 
-def epoch_losses(folder, sample_ids: np.ndarray) -> dict[int, np.ndarray]:
-    """Epoch -> (N,) loss of the model scored at that epoch on every sample (``sample_ids``
-    order), from the run's per-epoch table; epochs some sample has no loss for are left out,
-    and all of them where the table holds no loss (a run written before it did)."""
-    batches = folder.iter_epoch_losses() or []
-    out: dict[int, np.ndarray] = {}
-    for batch in batches:
+def epoch_records(folder, sample_ids: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Epoch -> ((N,) curvature, (N,) loss of the model scored at that epoch) on every sample
+    (``sample_ids`` order), from one read of the run's per-epoch table; epochs some sample has
+    no loss for are left out, and all of them where the table holds no loss (a run written
+    before it did)."""
+    out: dict[int, np.ndarray] = {}  # epoch -> (2, N): curvature, loss
+    for batch in folder.iter_by_epoch_with_loss() or []:
         epochs = batch.column("epoch").to_numpy()
         ids = batch.column("sample_id").to_numpy()
-        loss = batch.column("loss").to_numpy(zero_copy_only=False).astype(np.float64)  # null: NaN
+        values = np.stack([batch.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+                           for name in ("curvature", "loss")])  # a null loss: NaN
         for epoch in np.unique(epochs):
             at = epochs == epoch
-            values = out.setdefault(int(epoch), np.full(len(sample_ids), np.nan))
-            values[np.searchsorted(sample_ids, ids[at])] = loss[at]
-    return {epoch: values for epoch, values in sorted(out.items()) if not np.isnan(values).any()}
+            into = out.setdefault(int(epoch), np.full((2, len(sample_ids)), np.nan))
+            into[:, np.searchsorted(sample_ids, ids[at])] = values[:, at]
+    return {epoch: (both[0], both[1]) for epoch, both in sorted(out.items())
+            if not np.isnan(both).any()}
 
 
 def by_epoch(folder, table, positives: np.ndarray, clean: np.ndarray,
@@ -126,12 +128,9 @@ def by_epoch(folder, table, positives: np.ndarray, clean: np.ndarray,
     the spread's standard deviation in one epoch (mean over epochs) and of its mean over the
     epochs (close together when the spread is a property of the sample, not of one epoch), and
     the AUROC of curvature, curvature through p_y and the loss averaged over the epochs."""
-    ids = table.column("sample_id").to_numpy()
-    losses = epoch_losses(folder, ids)
     rows, spreads = [], []
     sums = {name: np.zeros(len(table)) for name in ("curvature", "curvature_through_p_y", "loss")}
-    for epoch, loss in losses.items():
-        curvature, _ = epoch_window(folder.iter_by_epoch(), ids, epoch, epoch + 1)
+    for epoch, (curvature, loss) in epoch_records(folder, table.column("sample_id").to_numpy()).items():
         p_y = np.exp(-loss)
         through = through_confidence(curvature, p_y, bins)
         for name, values in (("curvature", curvature), ("curvature_through_p_y", through),

@@ -193,13 +193,13 @@ class RunFolder:
             return None
         return storage.iter_parquet(self.by_epoch, columns=BY_EPOCH_SCHEMA.names)
 
-    def iter_epoch_losses(self):
-        """(sample_id, epoch, loss) record batches of the per-epoch table (the loss of the model
-        scored at that epoch, null where unrecorded), read as they are consumed; None when the run
-        has no per-epoch table or one written before it held the loss."""
+    def iter_by_epoch_with_loss(self):
+        """(sample_id, epoch, curvature, loss) record batches of the per-epoch table (loss: of the
+        model scored at that epoch, null where unrecorded), read as they are consumed; None when
+        the run has no per-epoch table or one written before it held the loss."""
         if not storage.is_file(self.by_epoch) or "loss" not in storage.parquet_schema(self.by_epoch).names:
             return None
-        return storage.iter_parquet(self.by_epoch, columns=["sample_id", "epoch", "loss"])
+        return storage.iter_parquet(self.by_epoch, columns=[*BY_EPOCH_SCHEMA.names, "loss"])
 
     def write_by_epoch(self, table: pa.Table) -> None:
         storage.write_parquet(self.by_epoch, table.cast(BY_EPOCH_SCHEMA))
